@@ -1,0 +1,113 @@
+"""Typed settings: defaults here, overridden by ``ULTRALIGHT_*`` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "ULTRALIGHT_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob of the farm. Each field ``name`` reads ``ULTRALIGHT_NAME`` from the environment."""
+
+    # Where embedded state lives (SQLite file, code blobs).
+    data_dir: Path = Path(".ultralight")
+    # One Redis shared by every gateway and worker.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Metadata and app data; empty means SQLite under data_dir.
+    database_url: str = ""
+    # Code bundles; empty means a folder under data_dir.
+    blob_dir: str = ""
+
+    # Gateway.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    max_body_bytes: int = 1_048_576
+    session_ttl_s: int = 3600
+    # Extra allowed browser origins, comma separated; loopback origins are always allowed.
+    allowed_origins: str = ""
+    call_timeout_s: float = 30.0
+    max_call_timeout_s: float = 300.0
+    cache_ttl_s: float = 1.0
+
+    # Queue.
+    queue_name: str = "ultralight:calls"
+    # Safety net only: workers are woken on enqueue, this is how often they look anyway.
+    worker_poll_s: float = 2.0
+    worker_heartbeat_s: float = 1.0
+    worker_heartbeat_ttl_s: float = 3.0
+
+    # Worker and sandbox.
+    worker_concurrency: int = 8
+    # Sandboxes each worker process keeps started ahead of their calls.
+    sandbox_warm: int = 2
+    sandbox_python: str = ""
+    sandbox_cpu_s: int = 10
+    sandbox_memory_mb: int = 512
+    sandbox_max_files: int = 64
+    sandbox_max_file_mb: int = 16
+    sandbox_max_processes: int = 32
+    sandbox_max_output_bytes: int = 65_536
+    max_result_bytes: int = 5 * 1024 * 1024
+
+    # App data.
+    max_value_bytes: int = 1_048_576
+    max_query_limit: int = 1000
+
+    # Logs: "console" for people, "json" for machines.
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``ULTRALIGHT_*`` variables, then explicit keyword overrides."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _convert(field.name, raw, hints[field.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ultralight.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return Path(self.blob_dir) if self.blob_dir else self.data_dir / "blobs"
+
+    @property
+    def origin_allowlist(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    env_name = ENV_PREFIX + name.upper()
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{env_name}={raw!r} is not a valid {kind.__name__}") from exc

@@ -1,0 +1,99 @@
+"""The gateway's aiohttp application: ``create_app(settings)`` and its start-up and shut-down."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from config import Settings
+from gateway import GatewayError, mcp, rest
+from gateway.auth import TokenVerifier
+from gateway.dispatch import Dispatcher
+from gateway.registry import Registry
+from gateway.sessions import Sessions
+from gateway.state import GATEWAY, Catalog, Gateway
+from workers.blobs import LocalBlobStore
+from workers.farm import sqlite_path
+from workers.process import connect
+
+log = structlog.get_logger(__name__)
+
+
+@web.middleware
+async def no_tracebacks(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Whatever breaks, the caller gets a short JSON error and the log gets the details."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except RedisError:
+        log.warning("redis_unavailable", path=request.path)
+        return rest.problem(503, "unavailable", "the platform's Redis is unavailable; try again "
+                            "shortly", {"Retry-After": "1"})
+    except GatewayError as exc:
+        log.warning("request_failed", path=request.path, error=str(exc))
+        return rest.problem(500, "internal", str(exc))
+    except Exception:
+        log.exception("request_crashed", path=request.path)
+        return rest.problem(500, "internal", "the gateway hit an unexpected error; it was logged")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return rest.ok({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    try:
+        await gateway.redis.ping()
+    except (RedisError, OSError):
+        return rest.problem(503, "unavailable", "Redis does not answer")
+    return rest.ok({"status": "ready"})
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[no_tracebacks, rest.api_errors],
+                          client_max_size=settings.max_body_bytes)
+    app.cleanup_ctx.append(_lifecycle(settings))
+    app.add_routes([
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        *rest.routes(),
+    ])
+    for path in ("/mcp/{app}", "/mcp/{app}/"):
+        app.router.add_post(path, mcp.post)
+        app.router.add_get(path, mcp.get, allow_head=False)
+        app.router.add_delete(path, mcp.delete)
+    return app
+
+
+def _lifecycle(settings: Settings) -> Any:
+    async def lifecycle(app: web.Application) -> Any:
+        registry = Registry(sqlite_path(settings.resolved_database_url))
+        await registry.open()
+        redis = await connect(settings)
+        app[GATEWAY] = Gateway(
+            settings=settings,
+            registry=registry,
+            redis=redis,
+            sessions=Sessions(redis, settings.session_ttl_s),
+            dispatcher=Dispatcher(redis, settings.queue_name),
+            verifier=TokenVerifier(registry, settings.cache_ttl_s),
+            catalog=Catalog(registry, settings.cache_ttl_s),
+            blobs=LocalBlobStore(settings.resolved_blob_dir),
+        )
+        log.info("gateway_started", host=settings.host, port=settings.port)
+        yield
+        await redis.aclose()
+        await registry.close()
+        log.info("gateway_stopped")
+
+    return lifecycle
+
+
+def serve(settings: Settings) -> None:
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                access_log=None, shutdown_timeout=settings.call_timeout_s)

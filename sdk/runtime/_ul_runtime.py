@@ -1,0 +1,173 @@
+"""Entry point of a sandbox: set limits, wait for one call on a pipe, run it, answer on another.
+
+Runs under ``python -I -S`` with only this folder on ``sys.path``; it imports nothing of the worker
+or the gateway. Every message is one line of JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import types
+from typing import Any
+
+EXIT_BAD_START = 97
+
+
+def set_limits(limits: dict[str, int]) -> None:
+    """Lower this process's rlimits; the app cannot raise them again."""
+    pairs = {
+        resource.RLIMIT_CPU: (limits["cpu_s"], limits["cpu_s"] + 1),
+        resource.RLIMIT_AS: (limits["memory_bytes"],) * 2,
+        resource.RLIMIT_NOFILE: (limits["max_files"],) * 2,
+        resource.RLIMIT_FSIZE: (limits["max_file_bytes"],) * 2,
+        resource.RLIMIT_NPROC: (limits["max_processes"],) * 2,
+        resource.RLIMIT_CORE: (0, 0),
+    }
+    for which, (soft, *hard) in pairs.items():
+        resource.setrlimit(which, (soft, hard[0] if hard else soft))
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill this sandbox if the worker that started it goes away."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, 9, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(EXIT_BAD_START)
+
+
+class Channel:
+    """The line-delimited JSON pipe to the worker."""
+
+    def __init__(self, request_fd: int, reply_fd: int) -> None:
+        self._reader = open(request_fd, "rb")  # noqa: SIM115 - lives as long as the process
+        self._writer = open(reply_fd, "wb", buffering=0)  # noqa: SIM115
+
+    def receive(self) -> dict[str, Any]:
+        line = self._reader.readline()
+        if not line:
+            os._exit(0)
+        return json.loads(line)
+
+    def send(self, message: dict[str, Any]) -> None:
+        text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        self._writer.write(text.encode("utf-8") + b"\n")
+
+    def request(self, op: str, payload: dict[str, Any]) -> Any:
+        import ultralight
+
+        try:
+            self.send({"op": op, **payload})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{op}: the value is not JSON data ({exc})") from None
+        reply = self.receive()
+        if "error" in reply:
+            if reply.get("type") == "DataError":
+                raise ValueError(reply["error"])
+            raise ultralight.PlatformError(reply["error"])
+        return reply.get("ok")
+
+
+def load_app(source: str, filename: str) -> types.ModuleType:
+    module = types.ModuleType("app")
+    module.__file__ = filename
+    sys.modules["app"] = module
+    exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def invoke(module: types.ModuleType, function: str, args: dict[str, Any]) -> Any:
+    target = getattr(module, function, None)
+    if function.startswith("_") or not isinstance(target, types.FunctionType):
+        raise LookupError(f"the app has no tool named {function!r}")
+    result = target(**args)
+    if hasattr(result, "__await__"):
+        import asyncio  # only async tools pay for it
+
+        result = asyncio.run(_await(result))
+    return result
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def encode_result(value: Any) -> str:
+    """The result as JSON text, or a ValueError saying why it cannot be."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the result contains a lone surrogate, which is not valid Unicode") from None
+    except RecursionError:
+        raise ValueError("the result is nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the result is not JSON data: {exc}") from None
+    return text
+
+
+def app_frames(exc: BaseException, filename: str) -> str:
+    import traceback  # only failing calls pay for it
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def run(channel: Channel) -> None:
+    import ultralight
+
+    call = channel.receive()
+    filename = call.get("filename", "app.py")
+    ultralight.user = call.get("user")
+    ultralight.env = types.MappingProxyType(dict(call.get("env") or {}))
+    ultralight._request = channel.request
+    try:
+        module = load_app(call["source"], filename)
+        value = invoke(module, call["function"], call.get("args") or {})
+    except MemoryError:
+        channel.send({"op": "error", "kind": "memory_limit", "message": "out of memory"})
+        return
+    except BaseException as exc:  # the app's failure is the call's result, whatever it is
+        sys.stderr.write(app_frames(exc, filename))
+        message = str(exc) or type(exc).__name__
+        channel.send({"op": "error", "kind": "app_error", "type": type(exc).__name__,
+                      "message": message})
+        return
+    try:
+        text = encode_result(value)
+    except ValueError as exc:
+        channel.send({"op": "error", "kind": "invalid_result", "message": str(exc)})
+        return
+    channel._writer.write(b'{"op":"result","value":' + text.encode("utf-8") + b"}\n")
+
+
+def main() -> None:
+    sys.path[:] = [os.path.dirname(os.path.abspath(__file__)), *sys.path]
+    try:
+        set_limits(json.loads(sys.argv[1]))
+        request_fd, reply_fd = int(sys.argv[2]), int(sys.argv[3])
+    except (IndexError, ValueError, KeyError, OSError) as exc:
+        sys.stderr.write(f"sandbox: cannot set limits: {exc}\n")
+        os._exit(EXIT_BAD_START)
+    die_with_parent()
+    import ultralight  # noqa: F401 - imported ahead so a warm sandbox has it ready
+
+    channel = Channel(request_fd, reply_fd)
+    channel.send({"op": "ready"})
+    run(channel)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The ``ultralight`` module an app imports inside its sandbox.
+
+Every data call is a request to the worker over the sandbox's pipe: the app never holds a database
+connection, a network socket or a secret it was not meant to read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import secrets as _secrets
+import time as _time
+import types as _types
+from typing import Any
+
+__all__ = [
+    "env",
+    "keys",
+    "load",
+    "load_many",
+    "new_id",
+    "now",
+    "query",
+    "remove",
+    "remove_many",
+    "store",
+    "store_many",
+    "user",
+]
+
+# Filled in by the runtime before the app module is imported.
+user: dict[str, Any] | None = None
+env: _types.MappingProxyType[str, str] = _types.MappingProxyType({})
+_request: Any = None
+
+
+class PlatformError(RuntimeError):
+    """The platform refused or could not serve an SDK call."""
+
+
+def _call(op: str, **payload: Any) -> Any:
+    if _request is None:
+        raise PlatformError("ultralight SDK calls only work inside a running call")
+    return _request(op, payload)
+
+
+def store(key: str, value: Any) -> None:
+    """Save one JSON value under ``key`` in the caller's space of this app."""
+    _call("store", key=key, value=value)
+
+
+def load(key: str, default: Any = None) -> Any:
+    """The value under ``key``, or ``default`` when there is none."""
+    value = _call("load", key=key)
+    return default if value is None else value
+
+
+def remove(key: str) -> bool:
+    """Delete ``key``; true when it existed."""
+    return bool(_call("remove", key=key))
+
+
+def keys(prefix: str = "") -> list[str]:
+    """Every key under ``prefix``, sorted."""
+    return list(_call("keys", prefix=prefix))
+
+
+def query(
+    prefix: str = "",
+    where: dict[str, Any] | None = None,
+    order_by: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """A filtered, sorted page of ``{key, value, updated_at}`` under ``prefix``.
+
+    ``where`` maps dotted paths into the value to a value or to operators (``eq``, ``ne``, ``lt``,
+    ``lte``, ``gt``, ``gte``, ``in``, ``contains``, ``exists``); ``order_by`` is ``key``,
+    ``updated_at`` or a dotted path, with a leading ``-`` for descending.
+    """
+    return list(
+        _call("query", prefix=prefix, where=where, order_by=order_by, limit=limit, offset=offset)
+    )
+
+
+def store_many(items: dict[str, Any]) -> None:
+    """Save several keys at once."""
+    _call("store_many", items=dict(items))
+
+
+def load_many(keys: list[str]) -> dict[str, Any]:
+    """The values of several keys; missing keys are left out."""
+    return dict(_call("load_many", keys=list(keys)))
+
+
+def remove_many(keys: list[str]) -> int:
+    """Delete several keys; how many existed."""
+    return int(_call("remove_many", keys=list(keys)))
+
+
+def new_id() -> str:
+    """A unique id that sorts by creation time (milliseconds, then randomness)."""
+    return f"{int(_time.time() * 1000):012x}{_secrets.token_hex(8)}"
+
+
+def now() -> _dt.datetime:
+    """The current time, timezone-aware, in UTC."""
+    return _dt.datetime.now(_dt.timezone.utc)

@@ -1,0 +1,284 @@
+"""One worker process: an arq worker woken on enqueue, running each call in a sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import orjson
+import structlog
+from arq import Worker
+from arq.connections import ArqRedis
+from arq.worker import func
+from redis.exceptions import RedisError
+
+from config import Settings
+from workers import WorkerError
+from workers.appdata import DataError, Scope, SqliteAppData
+from workers.blobs import BlobError, CodeCache, LocalBlobStore
+from workers.jobs import (
+    REPLY_TTL_S,
+    RUN_CALL,
+    WAKE_CHANNEL,
+    CallJob,
+    CallReply,
+    claim_key,
+    deserialize_job,
+    reply_key,
+    serialize_job,
+    worker_key,
+)
+from workers.pool import SandboxPool
+from workers.sandbox import CallInput, Limits, SandboxError
+
+log = structlog.get_logger(__name__)
+
+# Time kept back from the caller's deadline so a stopped sandbox's answer still reaches it.
+REPLY_MARGIN_S = 0.3
+
+
+def sandbox_limits(settings: Settings) -> Limits:
+    return Limits(
+        cpu_s=settings.sandbox_cpu_s,
+        memory_mb=settings.sandbox_memory_mb,
+        max_files=settings.sandbox_max_files,
+        max_file_mb=settings.sandbox_max_file_mb,
+        max_processes=settings.sandbox_max_processes,
+        max_output_bytes=settings.sandbox_max_output_bytes,
+        max_result_bytes=settings.max_result_bytes,
+    )
+
+
+def sqlite_path(url: str) -> str:
+    if not url.startswith("sqlite:///"):
+        raise WorkerError(f"unsupported database URL {url.split(':', 1)[0]}://…; use sqlite:///PATH")
+    return url.removeprefix("sqlite:///")
+
+
+class Farm:
+    """What a worker process holds: Redis, app data, the code cache and warm sandboxes."""
+
+    def __init__(self, settings: Settings, redis: ArqRedis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.data = SqliteAppData(
+            sqlite_path(settings.resolved_database_url),
+            max_value_bytes=settings.max_value_bytes,
+            max_query_limit=settings.max_query_limit,
+        )
+        self.code = CodeCache(LocalBlobStore(settings.resolved_blob_dir))
+        self.pool = SandboxPool(
+            sandbox_limits(settings), settings.sandbox_warm, settings.sandbox_python or None
+        )
+        self.running = 0
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.data.open()
+        self.pool.fill()
+        await self._beat()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        log.info("worker_started", worker_id=self.worker_id, warm=self.settings.sandbox_warm,
+                 concurrency=self.settings.worker_concurrency)
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(worker_key(self.worker_id))
+        await self.pool.close()
+        await self.data.close()
+        log.info("worker_stopped", worker_id=self.worker_id)
+
+    async def _beat(self) -> None:
+        info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "running": self.running, "warm": self.pool.warm, "at": time.time()})
+        ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
+        await self.redis.set(worker_key(self.worker_id), info, px=ttl_ms)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker_heartbeat_s)
+            try:
+                await self._beat()
+            except RedisError as exc:
+                log.warning("heartbeat_failed", worker_id=self.worker_id, error=str(exc))
+
+    async def execute(self, job: CallJob) -> None:
+        """Run one call at most once and push its reply, whatever happens to the sandbox."""
+        bound = log.bind(request_id=job.call_id, app_id=job.app_id, app=job.app_name,
+                         version=job.version, function=job.function)
+        remaining = job.deadline - time.time() - REPLY_MARGIN_S
+        if remaining <= 0:
+            bound.info("call", outcome="abandoned", elapsed_ms=0.0)
+            return
+        claimed = await self.redis.set(claim_key(job.call_id), self.worker_id, nx=True,
+                                       ex=int(remaining) + REPLY_TTL_S)
+        if not claimed:
+            # Another worker took this call and died: running it again could repeat its writes.
+            reply = CallReply("lost", error="the worker running this call stopped; the call was "
+                              "not run again", worker_id=self.worker_id)
+            await asyncio.shield(self._reply(job, reply))
+            bound.warning("call", outcome="lost", elapsed_ms=0.0)
+            return
+        self.running += 1
+        try:
+            reply = await self._run(job, remaining)
+        finally:
+            self.running -= 1
+        await asyncio.shield(self._reply(job, reply))
+        level = bound.info if reply.outcome in {"ok", "app_error"} else bound.warning
+        level("call", outcome=reply.outcome, elapsed_ms=round(reply.elapsed_ms, 2),
+              worker_id=self.worker_id)
+
+    async def _run(self, job: CallJob, remaining: float) -> CallReply:
+        started = time.perf_counter()
+        try:
+            source = await self.code.source(job.code_hash)
+            sandbox = await self.pool.acquire()
+        except (BlobError, SandboxError) as exc:
+            return CallReply("platform_error", error=str(exc), worker_id=self.worker_id,
+                             elapsed_ms=(time.perf_counter() - started) * 1000)
+        call = CallInput(source=source, function=job.function, args=job.args, user=job.user,
+                         env=job.env, filename=f"{job.app_name}.py")
+        scope = Scope(job.app_id, str(job.user["id"]) if job.user else "")
+        result = await sandbox.run(call, remaining, DataHandler(self.data, scope))
+        return CallReply(str(result.outcome), value=result.value, error=result.error,
+                         logs=result.logs, elapsed_ms=(time.perf_counter() - started) * 1000,
+                         worker_id=self.worker_id)
+
+    async def _reply(self, job: CallJob, reply: CallReply) -> None:
+        key = reply_key(job.call_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, reply.encode())
+            pipe.expire(key, REPLY_TTL_S)
+            await pipe.execute()
+
+
+class DataHandler:
+    """Serves a sandbox's data requests against its (app, caller) scope."""
+
+    def __init__(self, data: SqliteAppData, scope: Scope) -> None:
+        self.data = data
+        self.scope = scope
+
+    async def __call__(self, op: str, payload: dict[str, Any]) -> Any:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise DataError(f"unknown SDK operation {op!r}")
+        try:
+            return await method(**payload)
+        except TypeError as exc:
+            raise DataError(f"{op}: {exc}") from None
+
+    async def op_store(self, key: str, value: Any) -> None:
+        await self.data.store(self.scope, key, value)
+
+    async def op_load(self, key: str) -> Any:
+        return await self.data.load(self.scope, key)
+
+    async def op_remove(self, key: str) -> bool:
+        return await self.data.remove(self.scope, key)
+
+    async def op_keys(self, prefix: str = "") -> list[str]:
+        return await self.data.keys(self.scope, prefix)
+
+    async def op_query(self, prefix: str = "", where: dict[str, Any] | None = None,
+                       order_by: str | None = None, limit: int | None = None,
+                       offset: int = 0) -> list[dict[str, Any]]:
+        return await self.data.query(self.scope, prefix, where, order_by, limit, offset)
+
+    async def op_store_many(self, items: dict[str, Any]) -> None:
+        await self.data.store_many(self.scope, items)
+
+    async def op_load_many(self, keys: list[str]) -> dict[str, Any]:
+        return await self.data.load_many(self.scope, keys)
+
+    async def op_remove_many(self, keys: list[str]) -> int:
+        return await self.data.remove_many(self.scope, keys)
+
+
+async def run_call(ctx: dict[str, Any], job: dict[str, Any]) -> None:
+    farm: Farm = ctx["farm"]
+    await farm.execute(CallJob.from_wire(job))
+
+
+class WakingWorker(Worker):
+    """An arq worker that looks at its queue when a gateway publishes a wake-up, not on a tick.
+
+    arq polls every ``poll_delay`` (0.5 s by default); here the poll is only a safety net and a
+    pub/sub message on ``WAKE_CHANNEL`` (or a finished job freeing a slot) starts the next look.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake = asyncio.Event()
+
+    async def main(self) -> None:
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        listener = asyncio.create_task(self._listen())
+        try:
+            while True:
+                self._wake.clear()
+                await self._poll_iteration()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.pool.pubsub()
+            try:
+                await pubsub.subscribe(WAKE_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._wake.set()
+            except RedisError as exc:
+                log.warning("wake_listener_lost", error=str(exc))
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(RedisError):
+                    await pubsub.aclose()
+
+
+def build_worker(settings: Settings, redis: ArqRedis) -> WakingWorker:
+    farm = Farm(settings, redis)
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        await farm.start()
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await farm.stop()
+
+    return WakingWorker(
+        functions=[func(run_call, name=RUN_CALL, max_tries=1, keep_result=0,
+                        timeout=settings.max_call_timeout_s + 5)],
+        redis_pool=redis,
+        queue_name=settings.queue_name,
+        max_jobs=settings.worker_concurrency,
+        poll_delay=settings.worker_poll_s,
+        job_serializer=serialize_job,
+        job_deserializer=deserialize_job,
+        keep_result=0,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"farm": farm},
+        handle_signals=True,
+    )

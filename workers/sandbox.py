@@ -1,0 +1,288 @@
+"""Run one call in a fresh, rlimit-capped interpreter and serve its SDK requests over a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from workers import WorkerError
+
+log = structlog.get_logger(__name__)
+
+RUNTIME = Path(__file__).resolve().parent.parent / "sdk" / "runtime" / "_ul_runtime.py"
+# Output beyond the kept logs is drained; this many times the cap ends the call as runaway output.
+RUNAWAY_OUTPUT_FACTOR = 16
+START_TIMEOUT_S = 10.0
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class SandboxError(WorkerError):
+    """The sandbox could not be started."""
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    APP_ERROR = "app_error"
+    TIMEOUT = "timeout"
+    CPU_LIMIT = "cpu_limit"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    CRASH = "crash"
+    INVALID_RESULT = "invalid_result"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    cpu_s: int = 10
+    memory_mb: int = 512
+    max_files: int = 64
+    max_file_mb: int = 16
+    max_processes: int = 32
+    max_output_bytes: int = 65_536
+    max_result_bytes: int = 5 * 1024 * 1024
+
+    def runtime_argument(self) -> str:
+        return orjson.dumps({
+            "cpu_s": self.cpu_s,
+            "memory_bytes": self.memory_mb * 1024 * 1024,
+            "max_files": self.max_files,
+            "max_file_bytes": self.max_file_mb * 1024 * 1024,
+            "max_processes": self.max_processes,
+        }).decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class CallInput:
+    source: str
+    function: str
+    args: dict[str, Any]
+    user: dict[str, Any] | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    filename: str = "app.py"
+
+
+@dataclasses.dataclass
+class CallResult:
+    outcome: Outcome
+    value: Any = None
+    error: str | None = None
+    logs: str = ""
+    elapsed_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+class _Output:
+    """Collects a capped copy of stdout and stderr while draining all of it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.kept = bytearray()
+        self.total = 0
+        self.runaway = asyncio.Event()
+
+    async def drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65_536):
+            self.total += len(chunk)
+            room = self.cap - len(self.kept)
+            if room > 0:
+                self.kept += chunk[:room]
+            if self.total > self.cap * RUNAWAY_OUTPUT_FACTOR:
+                self.runaway.set()
+
+    def text(self) -> str:
+        text = self.kept.decode("utf-8", errors="replace")
+        if self.total > len(self.kept):
+            text += f"\n[logs truncated: {self.total} bytes written, {self.cap} kept]"
+        return text
+
+
+class SandboxProcess:
+    """One interpreter, started ahead of its call and used for exactly one call."""
+
+    def __init__(self, limits: Limits, python: str | None = None) -> None:
+        self.limits = limits
+        self.python = python or sys.executable
+        self._proc: asyncio.subprocess.Process | None = None
+        self._to_child: int | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._read_transport: asyncio.BaseTransport | None = None
+        self._output = _Output(limits.max_output_bytes)
+        self._drains: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the interpreter and wait until it has imported the SDK."""
+        child_in, self._to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                self.python, "-I", "-S", "-B", str(RUNTIME), self.limits.runtime_argument(),
+                str(child_in), str(child_out),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(child_in, child_out),
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "random"},
+                limit=self.limits.max_result_bytes + 1024,
+            )
+        except OSError as exc:
+            raise SandboxError(f"cannot start the sandbox interpreter {self.python}: {exc}") from exc
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        self._reader = await self._pipe_reader(from_child)
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._drains = [
+            asyncio.create_task(self._output.drain(self._proc.stdout)),
+            asyncio.create_task(self._output.drain(self._proc.stderr)),
+        ]
+        try:
+            ready = await asyncio.wait_for(self._reader.readline(), START_TIMEOUT_S)
+        except (asyncio.TimeoutError, ValueError) as exc:
+            await self.kill()
+            raise SandboxError("the sandbox did not start in time") from exc
+        if not ready:
+            await self.kill()
+            await asyncio.gather(*self._drains, return_exceptions=True)
+            raise SandboxError(f"the sandbox failed to start: {self._output.text().strip()}")
+
+    async def _pipe_reader(self, fd: int) -> asyncio.StreamReader:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self.limits.max_result_bytes + 1024)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        self._read_transport, _ = await loop.connect_read_pipe(
+            lambda: protocol, os.fdopen(fd, "rb", buffering=0)
+        )
+        return reader
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self._to_child is not None
+        data = orjson.dumps(message) + b"\n"
+        view = memoryview(data)
+        while view:
+            written = os.write(self._to_child, view)
+            view = view[written:]
+
+    async def run(self, call: CallInput, timeout_s: float, handler: Handler) -> CallResult:
+        """Send the call, serve SDK requests until the result, and always clean up."""
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(self._converse(call, handler), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            result = CallResult(Outcome.TIMEOUT, error=f"the call ran longer than {timeout_s:g} s "
+                                "and was stopped")
+        finally:
+            await self.kill()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+        result.logs = self._output.text()
+        result.elapsed_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    async def _converse(self, call: CallInput, handler: Handler) -> CallResult:
+        assert self._reader is not None
+        try:
+            self._send({"source": call.source, "filename": call.filename, "function": call.function,
+                        "args": call.args, "user": call.user, "env": call.env})
+        except OSError:
+            return await self._ended()
+        runaway = asyncio.create_task(self._output.runaway.wait())
+        try:
+            while True:
+                line_task = asyncio.create_task(self._reader.readline())
+                done, _ = await asyncio.wait({line_task, runaway},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if runaway in done:
+                    line_task.cancel()
+                    return CallResult(Outcome.OUTPUT_LIMIT, error=(
+                        f"the call wrote more than {self._output.cap * RUNAWAY_OUTPUT_FACTOR} "
+                        "bytes of output and was stopped"))
+                try:
+                    line = line_task.result()
+                except ValueError:
+                    return CallResult(Outcome.OUTPUT_LIMIT, error=(
+                        f"the result is larger than {self.limits.max_result_bytes} bytes"))
+                if not line:
+                    return await self._ended()
+                message = orjson.loads(line)
+                if message.get("op") in {"result", "error"}:
+                    return _final(message)
+                self._send(await _serve(handler, message))
+        except orjson.JSONDecodeError:
+            return CallResult(Outcome.INVALID_RESULT, error="the sandbox sent something that is "
+                              "not JSON")
+        finally:
+            runaway.cancel()
+
+    async def _ended(self) -> CallResult:
+        """The sandbox closed its pipe without a result: say how it ended."""
+        assert self._proc is not None
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), 2.0)
+        except asyncio.TimeoutError:
+            return CallResult(Outcome.CRASH, error="the call closed its channel without a result")
+        if code == -signal.SIGXCPU or code == -signal.SIGKILL and self._cpu_exhausted():
+            return CallResult(Outcome.CPU_LIMIT, error=(
+                f"the call used more than {self.limits.cpu_s} s of CPU time and was stopped"))
+        if code < 0:
+            name = signal.Signals(-code).name
+            return CallResult(Outcome.CRASH, error=f"the call crashed with signal {name}")
+        return CallResult(Outcome.CRASH, error=f"the call exited with status {code} before "
+                          "returning a result")
+
+    def _cpu_exhausted(self) -> bool:
+        return False
+
+    async def kill(self) -> None:
+        """Kill the sandbox's whole process group and reap it."""
+        if self._to_child is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._to_child)
+            self._to_child = None
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        await self._proc.wait()
+        if self._read_transport is not None:
+            self._read_transport.close()
+
+
+async def _serve(handler: Handler, message: dict[str, Any]) -> dict[str, Any]:
+    op = message.pop("op", None)
+    if not isinstance(op, str):
+        return {"error": "a request without an operation", "type": "PlatformError"}
+    try:
+        return {"ok": await handler(op, message)}
+    except WorkerError as exc:
+        return {"error": str(exc), "type": type(exc).__name__}
+
+
+def _final(message: dict[str, Any]) -> CallResult:
+    if message["op"] == "result":
+        return CallResult(Outcome.OK, value=message.get("value"))
+    kind = message.get("kind")
+    text = str(message.get("message", ""))
+    if kind == "memory_limit":
+        return CallResult(Outcome.MEMORY_LIMIT, error="the call ran out of memory and was stopped")
+    if kind == "invalid_result":
+        return CallResult(Outcome.INVALID_RESULT, error=text)
+    error_type = str(message.get("type", "Error"))
+    return CallResult(Outcome.APP_ERROR, error=f"{error_type}: {text}" if text else error_type)
