@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -121,7 +122,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         body["visibility"] = "public"
     elif args.visibility:
         body["visibility"] = args.visibility
-    result = client_from(args).api("POST", f"/api/apps/{name}/versions", body)
+    result = client_from(args).api("POST", f"/api/apps/{quote(name, safe='')}/versions", body)
     state = "live" if result["live"] else "draft"
     print(f"deployed {result['name']} version {result['version']} ({state}, "
           f"{result['visibility']}): {', '.join(result['tools'])}")
@@ -129,7 +130,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    result = client_from(args).api("GET", f"/api/apps/{args.name}/versions")
+    result = client_from(args).api("GET", f"/api/apps/{quote(args.name, safe='')}/versions")
     if args.json:
         emit(result)
         return 0
@@ -140,7 +141,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    result = client_from(args).api("POST", f"/api/apps/{args.name}/promote",
+    result = client_from(args).api("POST", f"/api/apps/{quote(args.name, safe='')}/promote",
                                    {"version": args.version})
     print(f"{result['app']} now serves version {result['live_version']}")
     return 0

@@ -7,6 +7,7 @@ import itertools
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -64,7 +65,7 @@ class GatewayClient:
         if method == "tools/call":
             headers["Mcp-Name"] = header_value(str(params.get("name", "")))
         body = {"jsonrpc": "2.0", "id": next(_ids), "method": method, "params": params}
-        status, payload = self._send("POST", f"/mcp/{app}", body, headers)
+        status, payload = self._send("POST", f"/mcp/{quote(app, safe='')}", body, headers)
         if not isinstance(payload, dict):
             raise ClientError(f"{status}: unexpected answer from the gateway")
         if "error" in payload:

@@ -236,7 +236,7 @@ class SandboxProcess:
             code = await asyncio.wait_for(self._proc.wait(), 2.0)
         except asyncio.TimeoutError:
             return CallResult(Outcome.CRASH, error="the call closed its channel without a result")
-        if code == -signal.SIGXCPU or code == -signal.SIGKILL and self._cpu_exhausted():
+        if code == -signal.SIGXCPU:
             return CallResult(Outcome.CPU_LIMIT, error=(
                 f"the call used more than {self.limits.cpu_s} s of CPU time and was stopped"))
         if code < 0:
@@ -244,9 +244,6 @@ class SandboxProcess:
             return CallResult(Outcome.CRASH, error=f"the call crashed with signal {name}")
         return CallResult(Outcome.CRASH, error=f"the call exited with status {code} before "
                           "returning a result")
-
-    def _cpu_exhausted(self) -> bool:
-        return False
 
     async def kill(self) -> None:
         """Kill the sandbox's whole process group and reap it."""
