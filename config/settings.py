@@ -49,6 +49,11 @@ class Settings:
 
     # Worker and sandbox.
     worker_concurrency: int = 8
+    # "bwrap" (namespaces, required in production) or "process" (development only).
+    sandbox_isolation: str = "bwrap"
+    sandbox_tmp_mb: int = 16
+    # Each concurrent sandbox runs as its own uid from this base when the worker is root.
+    sandbox_uid_base: int = 640_000
     # Sandboxes each worker process keeps started ahead of their calls.
     sandbox_warm: int = 2
     sandbox_python: str = ""
@@ -67,6 +72,15 @@ class Settings:
     # Logs: "console" for people, "json" for machines.
     log_format: str = "json"
     log_level: str = "INFO"
+
+    # Outbound HTTP.
+    # Host names that may use plain http and resolve to private addresses, comma separated.
+    http_allow_hosts: str = ""
+    http_max_in_flight: int = 20
+    http_timeout_s: float = 15.0
+    http_max_bytes: int = 10_485_760
+    # A CA bundle trusted besides the system store; empty means the system store alone.
+    http_ca_file: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

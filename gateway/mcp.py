@@ -113,6 +113,10 @@ async def post(request: web.Request) -> web.Response:
 
 
 async def get(request: web.Request) -> web.Response:
+    try:
+        check_origin(request, request.app[GATEWAY])
+    except RpcFailure as failure:
+        return failure.response()
     return json_response(
         error_body(None, INVALID_REQUEST, "this endpoint has no server-to-client stream; "
                    "send JSON-RPC requests with POST"),
@@ -129,7 +133,8 @@ async def delete(request: web.Request) -> web.Response:
             raise RpcFailure(INVALID_REQUEST, "DELETE needs an Mcp-Session-Id header")
         session = await gateway.sessions.get(session_id)
         app = await find_app(gateway, request.match_info["app"])
-        if session is None or session.app_id != app.id:
+        owner = await caller_id(gateway, request)
+        if session is None or session.app_id != app.id or session.user_id != owner:
             raise RpcFailure(INVALID_REQUEST, "no such session (it may have expired)", 404)
         await gateway.sessions.delete(session_id)
     except RpcFailure as failure:
@@ -144,7 +149,10 @@ def check_origin(request: web.Request, gateway: Gateway) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        raise RpcFailure(INVALID_REQUEST, f"origin {origin!r} is not a valid URL", 403) from None
     allowed = (
         parts.hostname in {"localhost", "127.0.0.1", "::1"}
         or parts.netloc == request.host
@@ -192,31 +200,36 @@ def protocol_of(request: web.Request, message: Any) -> tuple[str, bool]:
         return ASSUMED_VERSION, False
     if header not in SUPPORTED:
         raise RpcFailure(UNSUPPORTED_VERSION, "Unsupported protocol version",
-                         id=message.get("id") if isinstance(message, dict) else None,
+                         id=_valid_id(message),
                          data={"supported": list(SUPPORTED), "requested": header})
     return header, header == MODERN
 
 
-async def find_app(gateway: Gateway, ref: str) -> AppRecord:
+async def find_app(gateway: Gateway, ref: str, message_id: Any = None) -> AppRecord:
     try:
         return await gateway.catalog.app(ref)
     except NotFound:
-        raise RpcFailure(INVALID_REQUEST, f"no app named {ref!r} on this server", 404) from None
+        raise RpcFailure(INVALID_REQUEST, f"no app named {ref!r} on this server", 404,
+                         id=message_id) from None
 
 
 async def open_context(request: web.Request, gateway: Gateway, message: Any, protocol: str,
                        modern: bool) -> Context:
     """Authenticate and look up the app together, then check access and the session."""
-    message_id = message.get("id") if isinstance(message, dict) else None
+    message_id = _valid_id(message)
     caller = asyncio.ensure_future(gateway.caller(request))
     try:
-        app = await find_app(gateway, request.match_info["app"])
+        app = await find_app(gateway, request.match_info["app"], message_id)
         user = await caller
     except AuthError as exc:
         raise unauthorized(exc.reason, str(exc), message_id) from None
     finally:
         if not caller.done():
             caller.cancel()
+        elif not caller.cancelled():
+            # An unknown app wins over bad credentials; fetch the loser's error so asyncio
+            # does not log it as never retrieved.
+            caller.exception()
     if not may_call(app, user):
         if user is None:
             raise unauthorized("missing", f"the app {app.name!r} is private: send "
@@ -231,6 +244,14 @@ async def open_context(request: web.Request, gateway: Gateway, message: Any, pro
     if not modern and not is_initialize(message):
         context.session = await require_session(context, message_id)
     return context
+
+
+async def caller_id(gateway: Gateway, request: web.Request) -> str | None:
+    try:
+        user = await gateway.caller(request)
+    except AuthError as exc:
+        raise unauthorized(exc.reason, str(exc), None) from None
+    return user.id if user else None
 
 
 def unauthorized(reason: str, message: str, message_id: Any) -> RpcFailure:
@@ -297,11 +318,19 @@ async def respond_batch(context: Context, batch: list[Any]) -> web.Response:
         raise RpcFailure(INVALID_REQUEST, "an empty JSON-RPC batch")
     if any(is_initialize(m) for m in batch):
         raise RpcFailure(INVALID_REQUEST, "initialize must not be part of a batch")
-    replies = await asyncio.gather(*(handle(context, m) for m in batch))
+    replies = await asyncio.gather(*(handle_member(context, m) for m in batch))
     answered = [r for r in replies if r is not None]
     if not answered:
         return web.Response(status=202)
     return json_response(answered)
+
+
+async def handle_member(context: Context, message: Any) -> dict[str, Any] | None:
+    """One message of a batch: its failure is its own error response, not the batch's."""
+    try:
+        return await handle(context, message)
+    except RpcFailure as failure:
+        return error_body(failure.id, failure.code, failure.message, failure.data)
 
 
 async def handle(context: Context, message: Any) -> dict[str, Any] | None:

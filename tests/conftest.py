@@ -123,10 +123,10 @@ class Farm:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx2.Client(base_url=self.url, headers=headers, timeout=60)
 
-    def add_worker(self, *args: str) -> subprocess.Popen[bytes]:
+    def add_worker(self, *args: str, wrap: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         index = len(self.workers)
         log = (self.log_dir / f"worker{index}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "worker", *args],
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", "gateway", "worker", *args],
                                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.workers.append(proc)
         return proc

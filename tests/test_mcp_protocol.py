@@ -203,9 +203,11 @@ def test_notifications_are_accepted_with_no_body(units: Session, method: str) ->
     assert accepted(response)
 
 
-def test_a_response_from_the_client_is_accepted(units: Session) -> None:
-    """A JSON-RPC response object sent by the client gets 202 Accepted."""
-    response = units.send({"jsonrpc": "2.0", "id": 99, "result": {}})
+@pytest.mark.parametrize("reply", [{"result": {}},
+                                   {"error": {"code": -32601, "message": "no sampling here"}}])
+def test_a_response_from_the_client_is_accepted(units: Session, reply: dict[str, Any]) -> None:
+    """A JSON-RPC response object (result or error) sent by the client gets 202 Accepted."""
+    response = units.send({"jsonrpc": "2.0", "id": 99, **reply})
 
     assert accepted(response)
 
@@ -243,7 +245,7 @@ def test_tools_call_on_the_private_app(open_session: Callable[..., Session],
     key = added["structuredContent"]["key"]
     fetched = rpc_result(notes.call("tools/call", {"name": "get_note", "arguments": {"key": key}}))
 
-    assert fetched["structuredContent"]["result"]["text"] == "hello"
+    assert fetched["structuredContent"]["text"] == "hello"
 
 
 # Malformed messages.
@@ -253,40 +255,35 @@ def test_invalid_json_is_a_parse_error(units: Session) -> None:
     rpc_error(units.send(b'{"jsonrpc": "2.0", "id": 1, "method": '), 400, -32700)
 
 
-INVALID_SHAPES = {
-    "number": 42,
-    "string": "tools/list",
-    "null": None,
-    "no jsonrpc": {"id": 1, "method": "ping"},
-    "jsonrpc 1.0": {"jsonrpc": "1.0", "id": 1, "method": "ping"},
-    "method not a string": {"jsonrpc": "2.0", "id": 1, "method": 7},
-    "id a bool": {"jsonrpc": "2.0", "id": True, "method": "ping"},
-    "id an object": {"jsonrpc": "2.0", "id": {"n": 1}, "method": "ping"},
+# Each shape, and the id its error must echo: the message's when it is a string or an integer.
+INVALID_SHAPES: dict[str, tuple[Any, Any]] = {
+    "number": (42, None),
+    "string": ("tools/list", None),
+    "null": (None, None),
+    "no jsonrpc": ({"id": 1, "method": "ping"}, 1),
+    "jsonrpc 1.0": ({"jsonrpc": "1.0", "id": "a", "method": "ping"}, "a"),
+    "method not a string": ({"jsonrpc": "2.0", "id": 2, "method": 7}, 2),
+    "id a bool": ({"jsonrpc": "2.0", "id": True, "method": "ping"}, None),
+    "id an object": ({"jsonrpc": "2.0", "id": {"n": 1}, "method": "ping"}, None),
 }
-
-
-def valid_id(message: Any) -> Any:
-    """The id an error must echo: the message's when it is a string or an integer, else null."""
-    value = message.get("id") if isinstance(message, dict) else None
-    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
 @pytest.mark.parametrize("shape", INVALID_SHAPES)
 def test_invalid_request_shapes_in_a_session(units: Session, shape: str) -> None:
     """A message that is not a JSON-RPC 2.0 request gets 400 and -32600."""
-    message = INVALID_SHAPES[shape]
+    message, id = INVALID_SHAPES[shape]
 
-    rpc_error(units.send(message), 400, -32600, valid_id(message))
+    rpc_error(units.send(message), 400, -32600, id)
 
 
 @pytest.mark.parametrize("shape", INVALID_SHAPES)
 def test_invalid_request_shapes_stateless(anon: httpx2.Client, shape: str) -> None:
     """A stateless message that is not a JSON-RPC 2.0 request gets 400 and -32600."""
-    message = INVALID_SHAPES[shape]
+    message, id = INVALID_SHAPES[shape]
 
     response = post(anon, "units", message, modern_headers("ping"))
 
-    rpc_error(response, 400, -32600, valid_id(message))
+    rpc_error(response, 400, -32600, id)
 
 
 @pytest.mark.parametrize("message", [
@@ -403,7 +400,7 @@ def test_invalid_arguments_are_a_tool_error_on_2025_11_25(units: Session) -> Non
     result = rpc_result(units.call("tools/call", BAD_ARGUMENTS))
 
     assert result["isError"] is True
-    assert "value" in text_of(result)
+    assert "value" in text_of(result) and "far" in text_of(result)
 
 
 def test_invalid_arguments_are_a_tool_error_stateless(anon: httpx2.Client) -> None:
@@ -412,7 +409,7 @@ def test_invalid_arguments_are_a_tool_error_stateless(anon: httpx2.Client) -> No
 
     assert result["resultType"] == "complete"
     assert result["isError"] is True
-    assert "value" in text_of(result)
+    assert "value" in text_of(result) and "far" in text_of(result)
 
 
 def test_invalid_arguments_are_invalid_params_on_2025_06_18(
@@ -422,7 +419,7 @@ def test_invalid_arguments_are_invalid_params_on_2025_06_18(
 
     error = rpc_error(session.call("tools/call", BAD_ARGUMENTS, id=15), 200, -32602, 15)
 
-    assert "value" in error["message"]
+    assert "value" in error["message"] and "far" in error["message"]
 
 
 def test_lists_sent_as_json_strings_are_decoded(open_session: Callable[..., Session],
@@ -436,7 +433,7 @@ def test_lists_sent_as_json_strings_are_decoded(open_session: Callable[..., Sess
     fetched = rpc_result(notes.call("tools/call", {"name": "get_note", "arguments": {"key": key}}))
 
     assert added["isError"] is False
-    assert fetched["structuredContent"]["result"]["tags"] == ["a", "b"]
+    assert fetched["structuredContent"]["tags"] == ["a", "b"]
 
 
 def test_params_that_are_not_an_object_are_invalid(units: Session) -> None:
@@ -472,7 +469,6 @@ def test_a_session_belongs_to_its_caller(open_session: Callable[..., Session],
                                          owner: httpx2.Client, anon: httpx2.Client) -> None:
     """A session opened by one caller is unknown to another one."""
     session = open_session("units", client=owner)
-
     borrowed = dataclasses.replace(session, client=anon)
 
     rpc_error(borrowed.call("tools/list", id=24), 404, -32600, 24)
@@ -488,6 +484,27 @@ def test_delete_ends_the_session(open_session: Callable[..., Session]) -> None:
     assert deleted.status_code == 204
     rpc_error(session.call("tools/list", id=25), 404, -32600, 25)
     rpc_error(session.client.delete("/mcp/units", headers=headers), 404, -32600)
+
+
+def test_only_its_caller_may_delete_a_session(open_session: Callable[..., Session],
+                                              owner: httpx2.Client, anon: httpx2.Client) -> None:
+    """DELETE by anyone but the session's caller gets 404 and leaves the session alive."""
+    session = open_session("notes", client=owner)
+
+    response = anon.delete("/mcp/notes", headers={"Mcp-Session-Id": session.id})
+
+    rpc_error(response, 404, -32600)
+    assert rpc_result(session.call("ping")) == {}
+
+
+def test_delete_with_a_bad_token_is_unauthorized(open_session: Callable[..., Session],
+                                                 connect: Callable[..., httpx2.Client]) -> None:
+    """DELETE authenticates like POST: a malformed token gets 401."""
+    session = open_session()
+
+    response = connect("nope").delete("/mcp/units", headers={"Mcp-Session-Id": session.id})
+
+    assert rpc_error(response, 401, -32600)["data"]["reason"] == "malformed"
 
 
 def test_delete_needs_a_session_header(anon: httpx2.Client) -> None:
@@ -593,6 +610,13 @@ def test_get_is_not_allowed(anon: httpx2.Client) -> None:
 
     assert response.status_code == 405
     assert "POST" in response.headers["Allow"]
+
+
+def test_get_from_a_foreign_origin_is_forbidden(anon: httpx2.Client) -> None:
+    """The Origin check covers GET too: 403 before anything else."""
+    response = anon.get("/mcp/units", headers={"Origin": "https://evil.example"})
+
+    rpc_error(response, 403, -32600)
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://[::1"])
@@ -715,3 +739,27 @@ def test_an_app_is_addressed_by_its_id(farm: Farm, anon: httpx2.Client) -> None:
     tools = rpc_result(session.call("tools/list"))["tools"]
     assert {t["name"] for t in tools} == UNITS_TOOLS
     assert rpc_result(session.send(rpc_body("tools/list"), app="units"))["tools"] == tools
+
+
+# Robustness.
+
+HOSTILE = {
+    "not UTF-8": b"\xff\xfe{}",
+    "deeply nested": b"[" * 5000 + b"]" * 5000,
+    "huge id": b'{"jsonrpc": "2.0", "id": 1e400, "method": "ping"}',
+    "tool name not a string": {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                               "params": {"name": 5}},
+    "arguments not an object": {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                "params": {"name": "echo", "arguments": "hi"}},
+    "nested initialize params": {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                 "params": {"protocolVersion": {"a": [1]}, "clientInfo": 7}},
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_odd_messages_get_json_rpc_answers(units: Session, case: str) -> None:
+    """Odd but parseable-looking bodies get a JSON-RPC answer below 500, never a crash."""
+    response = units.send(HOSTILE[case])
+
+    assert response.status_code < 500, response.text
+    assert response.json()["jsonrpc"] == "2.0"

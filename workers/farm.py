@@ -33,6 +33,7 @@ from workers.jobs import (
     serialize_job,
     worker_key,
 )
+from workers.jail import Isolation, Slot, allocate_slots, make_jail, probe, release_slots
 from workers.pool import SandboxPool
 from workers.sandbox import CallInput, Limits, SandboxError
 
@@ -73,19 +74,43 @@ class Farm:
             max_query_limit=settings.max_query_limit,
         )
         self.code = CodeCache(LocalBlobStore(settings.resolved_blob_dir))
-        self.pool = SandboxPool(
-            sandbox_limits(settings), settings.sandbox_warm, settings.sandbox_python or None
-        )
+        self.limits = sandbox_limits(settings)
+        self.pool: SandboxPool | None = None
+        self.slots: list[Slot] = []
         self.running = 0
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self.pool = await asyncio.to_thread(self._build_pool)
         await self.data.open()
         self.pool.fill()
         await self._beat()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("worker_started", worker_id=self.worker_id, warm=self.settings.sandbox_warm,
                  concurrency=self.settings.worker_concurrency)
+
+    def _build_pool(self) -> SandboxPool:
+        """Check the isolation works here and take this process's sandbox slots."""
+        settings = self.settings
+        jail = make_jail(settings.sandbox_isolation, settings.sandbox_python,
+                         settings.sandbox_tmp_mb)
+        self.slots = allocate_slots(
+            settings.worker_concurrency + settings.sandbox_warm + 1, settings.sandbox_uid_base,
+            self.limits.memory_mb * 1024 * 1024, self.limits.max_processes,
+            use_uids=jail.level is Isolation.BWRAP)
+        probe(jail, self.slots[0])
+        first = self.slots[0]
+        log.info("sandbox_isolation", isolation=str(jail.level), python=jail.python,
+                 slot_uids=first.uid is not None,
+                 cgroup=f"v{first.cgroup.version}" if first.cgroup else "none",
+                 slots=len(self.slots))
+        if jail.level is Isolation.PROCESS:
+            log.warning("weak_isolation", detail="sandboxes are plain processes without "
+                        "namespaces; use only for development")
+        elif first.uid is None and first.cgroup is None:
+            log.warning("shared_limits", detail="sandboxes share the worker's uid and no cgroup "
+                        "is writable: process limits apply per user, not per call")
+        return SandboxPool(self.limits, settings.sandbox_warm, jail, self.slots)
 
     async def stop(self) -> None:
         if self._heartbeat is not None:
@@ -94,13 +119,16 @@ class Farm:
                 await self._heartbeat
         with contextlib.suppress(RedisError):
             await self.redis.delete(worker_key(self.worker_id))
-        await self.pool.close()
+        if self.pool is not None:
+            await self.pool.close()
+        await asyncio.to_thread(release_slots, self.slots)
         await self.data.close()
         log.info("worker_stopped", worker_id=self.worker_id)
 
     async def _beat(self) -> None:
         info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "running": self.running, "warm": self.pool.warm, "at": time.time()})
+                             "running": self.running,
+                             "warm": self.pool.warm if self.pool else 0, "at": time.time()})
         ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
         await self.redis.set(worker_key(self.worker_id), info, px=ttl_ms)
 
@@ -141,6 +169,7 @@ class Farm:
 
     async def _run(self, job: CallJob, remaining: float) -> CallReply:
         started = time.perf_counter()
+        assert self.pool is not None
         try:
             source = await self.code.source(job.code_hash)
             sandbox = await self.pool.acquire()
@@ -150,7 +179,10 @@ class Farm:
         call = CallInput(source=source, function=job.function, args=job.args, user=job.user,
                          env=job.env, filename=f"{job.app_name}.py")
         scope = Scope(job.app_id, str(job.user["id"]) if job.user else "")
-        result = await sandbox.run(call, remaining, DataHandler(self.data, scope))
+        try:
+            result = await sandbox.run(call, remaining, DataHandler(self.data, scope))
+        finally:
+            await self.pool.retire(sandbox)
         return CallReply(str(result.outcome), value=result.value, error=result.error,
                          logs=result.logs, elapsed_ms=(time.perf_counter() - started) * 1000,
                          worker_id=self.worker_id)

@@ -7,18 +7,27 @@ import contextlib
 
 import structlog
 
+from workers.jail import Jail, Slot
 from workers.sandbox import Limits, SandboxError, SandboxProcess
 
 log = structlog.get_logger(__name__)
 
 
 class SandboxPool:
-    """Keeps ``size`` interpreters up with the SDK imported, waiting for a call."""
+    """Keeps ``size`` interpreters up with the SDK imported, waiting for a call.
 
-    def __init__(self, limits: Limits, size: int, python: str | None = None) -> None:
+    Every sandbox runs in a slot of its own (a uid and a cgroup); a slot returns to the pool only
+    once its sandbox is dead and nothing of it is left running.
+    """
+
+    def __init__(self, limits: Limits, size: int, jail: Jail | None = None,
+                 slots: list[Slot] | None = None) -> None:
         self.limits = limits
         self.size = size
-        self.python = python
+        self.jail = jail
+        self._free: asyncio.Queue[Slot | None] = asyncio.Queue()
+        for slot in slots or [None] * (size + 64):  # type: ignore[list-item]
+            self._free.put_nowait(slot)
         self._ready: asyncio.Queue[SandboxProcess] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -34,16 +43,25 @@ class SandboxPool:
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
 
-    async def _start_one(self) -> None:
-        sandbox = SandboxProcess(self.limits, self.python)
+    async def _new(self) -> SandboxProcess:
+        slot = await self._free.get()
+        sandbox = SandboxProcess(self.limits, self.jail, slot)
         try:
             await sandbox.start()
+        except BaseException:
+            self._free.put_nowait(slot)
+            raise
+        return sandbox
+
+    async def _start_one(self) -> None:
+        try:
+            sandbox = await self._new()
         except SandboxError as exc:
             log.warning("sandbox_start_failed", error=str(exc))
             await asyncio.sleep(1.0)
             return
         if self._closed:
-            await sandbox.kill()
+            await self.retire(sandbox)
         else:
             self._ready.put_nowait(sandbox)
 
@@ -52,10 +70,16 @@ class SandboxPool:
         try:
             sandbox = self._ready.get_nowait()
         except asyncio.QueueEmpty:
-            sandbox = SandboxProcess(self.limits, self.python)
-            await sandbox.start()
+            sandbox = await self._new()
         self.fill()
         return sandbox
+
+    async def retire(self, sandbox: SandboxProcess) -> None:
+        """Kill a used sandbox and hand its slot back."""
+        try:
+            await sandbox.kill()
+        finally:
+            self._free.put_nowait(sandbox.slot)
 
     async def close(self) -> None:
         self._closed = True
@@ -64,4 +88,4 @@ class SandboxPool:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._starting, return_exceptions=True)
         while not self._ready.empty():
-            await self._ready.get_nowait().kill()
+            await self.retire(self._ready.get_nowait())

@@ -19,11 +19,14 @@ from config import Settings
 from config.logging import configure_logging
 from workers import WorkerError
 from workers.farm import build_worker
+from workers.jail import JailError
 from workers.jobs import deserialize_job, serialize_job
 
 log = structlog.get_logger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# A worker that exits with this code is misconfigured: restarting it would not help.
+EXIT_CONFIG = 78
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -83,6 +86,11 @@ def supervise(processes: int, grace_s: float) -> int:
             code = child.poll()
             if code is None or stopping:
                 continue
+            if code == EXIT_CONFIG:
+                log.error("worker_misconfigured", slot=slot, detail="not restarting; see the "
+                          "worker's error above")
+                _stop_children(list(children.values()), grace_s)
+                return EXIT_CONFIG
             delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
             log.warning("worker_process_died", slot=slot, pid=child.pid, code=code,
                         restart_in_s=delay)
@@ -126,6 +134,9 @@ def main() -> None:
     configure_logging(settings)
     try:
         asyncio.run(run_one(settings))
+    except JailError as exc:
+        log.error("worker_failed", error=str(exc))
+        sys.exit(EXIT_CONFIG)
     except WorkerError as exc:
         log.error("worker_failed", error=str(exc))
         sys.exit(1)

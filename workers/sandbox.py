@@ -11,20 +11,20 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 
 from workers import WorkerError
+from workers.jail import Isolation, Jail, Slot, descendants, install_runtime
 
 log = structlog.get_logger(__name__)
 
-RUNTIME = Path(__file__).resolve().parent.parent / "sdk" / "runtime" / "_ul_runtime.py"
 # Output beyond the kept logs is drained; this many times the cap ends the call as runaway output.
 RUNAWAY_OUTPUT_FACTOR = 16
 START_TIMEOUT_S = 10.0
+MAX_RESULT_DEPTH = 64
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -42,6 +42,7 @@ class Outcome(enum.StrEnum):
     OUTPUT_LIMIT = "output_limit"
     CRASH = "crash"
     INVALID_RESULT = "invalid_result"
+    PROCESS_LIMIT = "process_limit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +116,12 @@ class _Output:
 class SandboxProcess:
     """One interpreter, started ahead of its call and used for exactly one call."""
 
-    def __init__(self, limits: Limits, python: str | None = None) -> None:
+    def __init__(self, limits: Limits, jail: Jail | None = None, slot: Slot | None = None
+                 ) -> None:
         self.limits = limits
-        self.python = python or sys.executable
+        self.jail = jail or Jail(Isolation.PROCESS, sys.executable, install_runtime())
+        self.slot = slot
+        self._pids_events = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._to_child: int | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -130,9 +134,10 @@ class SandboxProcess:
         child_in, self._to_child = os.pipe()
         from_child, child_out = os.pipe()
         try:
+            argv = self.jail.command(self.limits.runtime_argument(), child_in, child_out)
+            user = self.slot.popen_user() if self.slot and self.jail.level is Isolation.BWRAP else {}
             self._proc = await asyncio.create_subprocess_exec(
-                self.python, "-I", "-S", "-B", str(RUNTIME), self.limits.runtime_argument(),
-                str(child_in), str(child_out),
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -140,9 +145,10 @@ class SandboxProcess:
                 start_new_session=True,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "random"},
                 limit=self.limits.max_result_bytes + 1024,
+                **user,  # type: ignore[arg-type]
             )
         except OSError as exc:
-            raise SandboxError(f"cannot start the sandbox interpreter {self.python}: {exc}") from exc
+            raise SandboxError(f"cannot start a sandbox: {exc}") from exc
         finally:
             os.close(child_in)
             os.close(child_out)
@@ -161,6 +167,16 @@ class SandboxProcess:
             await self.kill()
             await asyncio.gather(*self._drains, return_exceptions=True)
             raise SandboxError(f"the sandbox failed to start: {self._output.text().strip()}")
+        self._enter_cgroup()
+
+    def _enter_cgroup(self) -> None:
+        """Move the started tree into the slot's cgroup before any app code can fork."""
+        if self.slot is None or self.slot.cgroup is None or self._proc is None:
+            return
+        for pid in descendants(self._proc.pid):
+            self.slot.cgroup.add(pid)
+        self.slot.cgroup.reset_counters()
+        self._pids_events = self.slot.cgroup.pids_events()
 
     async def _pipe_reader(self, fd: int) -> asyncio.StreamReader:
         loop = asyncio.get_running_loop()
@@ -189,9 +205,25 @@ class SandboxProcess:
                                 "and was stopped")
         finally:
             await self.kill()
+        result = self._tree_limits(result)
         await asyncio.gather(*self._drains, return_exceptions=True)
         result.logs = self._output.text()
         result.elapsed_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    def _tree_limits(self, result: CallResult) -> CallResult:
+        """Limits on the whole process tree show up in the slot's cgroup, not in the exit code."""
+        group = self.slot.cgroup if self.slot else None
+        if group is None or result.outcome in (Outcome.OK, Outcome.TIMEOUT):
+            return result
+        if group.hit_memory_limit():
+            return CallResult(Outcome.MEMORY_LIMIT, error=(
+                f"the call's processes used more than {self.limits.memory_mb} MB together "
+                "and were stopped"))
+        if group.hit_pids_limit(self._pids_events):
+            return CallResult(Outcome.PROCESS_LIMIT, error=(
+                f"the call tried to run more than {self.limits.max_processes} processes or "
+                f"threads at once ({result.error})"))
         return result
 
     async def _converse(self, call: CallInput, handler: Handler) -> CallResult:
@@ -236,6 +268,8 @@ class SandboxProcess:
             code = await asyncio.wait_for(self._proc.wait(), 2.0)
         except asyncio.TimeoutError:
             return CallResult(Outcome.CRASH, error="the call closed its channel without a result")
+        if code > 128 and self.jail.level is Isolation.BWRAP:
+            code = 128 - code  # bubblewrap's init reports a signal death as 128 + signal
         if code == -signal.SIGXCPU:
             return CallResult(Outcome.CPU_LIMIT, error=(
                 f"the call used more than {self.limits.cpu_s} s of CPU time and was stopped"))
@@ -258,6 +292,10 @@ class SandboxProcess:
         with contextlib.suppress(ProcessLookupError):
             self._proc.kill()
         await self._proc.wait()
+        if self.slot is not None and self.slot.cgroup is not None:
+            emptied = await asyncio.to_thread(self.slot.cgroup.kill_all)
+            if not emptied:
+                log.warning("sandbox_processes_linger", slot=self.slot.index)
         if self._read_transport is not None:
             self._read_transport.close()
 
@@ -272,9 +310,26 @@ async def _serve(handler: Handler, message: dict[str, Any]) -> dict[str, Any]:
         return {"error": str(exc), "type": type(exc).__name__}
 
 
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in item if isinstance(child, (list, dict)))
+    return deepest
+
+
 def _final(message: dict[str, Any]) -> CallResult:
     if message["op"] == "result":
-        return CallResult(Outcome.OK, value=message.get("value"))
+        value = message.get("value")
+        if _depth(value) > MAX_RESULT_DEPTH:
+            return CallResult(Outcome.INVALID_RESULT, error=(
+                f"the result is nested deeper than {MAX_RESULT_DEPTH} levels"))
+        return CallResult(Outcome.OK, value=value)
     kind = message.get("kind")
     text = str(message.get("message", ""))
     if kind == "memory_limit":

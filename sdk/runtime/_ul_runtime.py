@@ -40,8 +40,6 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, 9, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:
-        os._exit(EXIT_BAD_START)
 
 
 class Channel:
@@ -77,6 +75,10 @@ class Channel:
 
 
 def load_app(source: str, filename: str) -> types.ModuleType:
+    import linecache
+
+    # Tracebacks then show the app's lines without reading any file.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     module = types.ModuleType("app")
     module.__file__ = filename
     sys.modules["app"] = module
@@ -137,7 +139,10 @@ def run(channel: Channel) -> None:
         channel.send({"op": "error", "kind": "memory_limit", "message": "out of memory"})
         return
     except BaseException as exc:  # the app's failure is the call's result, whatever it is
-        sys.stderr.write(app_frames(exc, filename))
+        try:
+            sys.stderr.write(app_frames(exc, filename))
+        except BaseException:  # a starved process (no files, no memory) still reports the error
+            pass
         message = str(exc) or type(exc).__name__
         channel.send({"op": "error", "kind": "app_error", "type": type(exc).__name__,
                       "message": message})
