@@ -73,6 +73,25 @@ class Settings:
     log_format: str = "json"
     log_level: str = "INFO"
 
+    # Production backends.
+    # Code bundles in S3 or an S3-compatible store (R2, MinIO) as s3://BUCKET/PREFIX; empty means
+    # the local folder (blob_dir).
+    blob_url: str = ""
+    # The endpoint of an S3-compatible store; empty means AWS S3 itself.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    # Both keys empty leaves boto3 to find credentials (environment, config files, instance role).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = dataclasses.field(default="", repr=False)
+    # TLS for rediss:// URLs: a CA bundle to trust (empty trusts the system's), and whether to skip
+    # certificate checks altogether (a test rig's shortcut, never production's).
+    redis_tls_ca_file: str = ""
+    redis_tls_insecure: bool = False
+    # Sentinel, as "host:port,host:port": the master named below is found through them, and
+    # redis_url then gives only the password, the database number and TLS (rediss://).
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+
     # Outbound HTTP.
     # Host names that may use plain http and resolve to private addresses, comma separated.
     http_allow_hosts: str = ""

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from structlog.testing import capture_logs
 
 from config import Settings
 from workers.outbound import (
@@ -71,8 +72,10 @@ def make_certs(directory: Path) -> Certs:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Ultralight test CA")])
     ca = (_certificate("Ultralight test CA", ca_key, ca_name, ca_key)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
+          .add_extension(x509.KeyUsage(
+              digital_signature=False, content_commitment=False, key_encipherment=False,
+              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+              encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (_certificate("localhost", key, ca_name, ca_key)
@@ -271,7 +274,8 @@ async def client(certs: Certs) -> AsyncIterator[ClientFactory]:
         await outbound.close()
 
 
-async def test_get_returns_status_headers_body_and_final_url(client, site) -> None:
+async def test_get_returns_status_headers_body_and_final_url(client: ClientFactory,
+                                                             site: Site) -> None:
     """A GET returns status, lower-cased headers with repeats joined, body and URL."""
     c = await client()
 
@@ -286,7 +290,7 @@ async def test_get_returns_status_headers_body_and_final_url(client, site) -> No
     assert c.recorder.addresses == ["127.0.0.1"]
 
 
-async def test_json_post_round_trips(client, site) -> None:
+async def test_json_post_round_trips(client: ClientFactory, site: Site) -> None:
     """A JSON body and its content type reach the server intact."""
     c = await client()
     payload = {"text": "héllo", "tags": ["a", "b"], "n": 3}
@@ -301,7 +305,7 @@ async def test_json_post_round_trips(client, site) -> None:
     assert seen["headers"]["content-type"] == "application/json"
 
 
-async def test_hop_by_hop_and_host_headers_are_dropped(client, site) -> None:
+async def test_hop_by_hop_and_host_headers_are_dropped(client: ClientFactory, site: Site) -> None:
     """Host, hop-by-hop headers and those named in Connection never reach the server."""
     c = await client()
     headers = {"Host": "evil.example", "Connection": "X-Private", "X-Private": "1",
@@ -322,7 +326,8 @@ async def test_hop_by_hop_and_host_headers_are_dropped(client, site) -> None:
     ({f"X-{i}": "1" for i in range(65)}, "too many request headers"),
     ({"X-Big": "v" * 40_000}, "request headers are over"),
 ])
-async def test_bad_request_headers_are_refused(client, headers, message) -> None:
+async def test_bad_request_headers_are_refused(client: ClientFactory, headers: dict[str, str],
+                                               message: str) -> None:
     """Malformed, too many or too large request headers are refused before any connection."""
     c = await client()
 
@@ -332,7 +337,7 @@ async def test_bad_request_headers_are_refused(client, headers, message) -> None
     assert c.recorder.addresses == []
 
 
-async def test_request_body_over_the_cap_is_refused(client) -> None:
+async def test_request_body_over_the_cap_is_refused(client: ClientFactory) -> None:
     """A request body larger than max_bytes is refused before any connection."""
     c = await client()
 
@@ -342,7 +347,8 @@ async def test_request_body_over_the_cap_is_refused(client) -> None:
     assert c.recorder.addresses == []
 
 
-async def test_redirect_chain_is_followed_to_the_final_url(client, site) -> None:
+async def test_redirect_chain_is_followed_to_the_final_url(client: ClientFactory,
+                                                           site: Site) -> None:
     """Relative redirects are followed and the result names the last URL."""
     c = await client()
 
@@ -352,7 +358,7 @@ async def test_redirect_chain_is_followed_to_the_final_url(client, site) -> None
     assert result.url == site.url("/chain/0")
 
 
-async def test_too_many_redirects_are_refused(client, site) -> None:
+async def test_too_many_redirects_are_refused(client: ClientFactory, site: Site) -> None:
     """More than max_redirects hops is an error."""
     c = await client(max_redirects=2)
 
@@ -360,7 +366,8 @@ async def test_too_many_redirects_are_refused(client, site) -> None:
         await c.http.request("GET", site.url("/chain/3"))
 
 
-async def test_see_other_turns_post_into_get_without_body(client, site) -> None:
+async def test_see_other_turns_post_into_get_without_body(client: ClientFactory,
+                                                          site: Site) -> None:
     """A 303 after a POST is followed with a GET that carries no body or content type."""
     c = await client()
     url = site.url("/redirect?status=303&to=/echo")
@@ -372,7 +379,7 @@ async def test_see_other_turns_post_into_get_without_body(client, site) -> None:
     assert "content-type" not in seen["headers"]
 
 
-async def test_temporary_redirect_keeps_method_and_body(client, site) -> None:
+async def test_temporary_redirect_keeps_method_and_body(client: ClientFactory, site: Site) -> None:
     """A 307 repeats the same method and body at the new location."""
     c = await client()
 
@@ -382,7 +389,8 @@ async def test_temporary_redirect_keeps_method_and_body(client, site) -> None:
     assert (seen["method"], seen["body"]) == ("PUT", "same")
 
 
-async def test_credentials_are_dropped_when_a_redirect_changes_host(client, site) -> None:
+async def test_credentials_are_dropped_when_a_redirect_changes_host(client: ClientFactory,
+                                                                    site: Site) -> None:
     """Authorization and Cookie follow a same-origin redirect but not one to another host."""
     c = await client()
     secret = {"Authorization": "Bearer s3cret", "Cookie": "sid=1", "X-Other": "kept"}
@@ -398,7 +406,8 @@ async def test_credentials_are_dropped_when_a_redirect_changes_host(client, site
     assert seen["host"] == f"alt.localhost:{site.port}"
 
 
-async def test_redirect_to_a_literal_loopback_address_is_refused(client, site) -> None:
+async def test_redirect_to_a_literal_loopback_address_is_refused(client: ClientFactory,
+                                                                 site: Site) -> None:
     """A redirect to https://127.0.0.1 (not allowlisted) is refused before connecting to it."""
     c = await client()
     target = site.url("/hello", host="127.0.0.1")
@@ -414,7 +423,8 @@ async def test_redirect_to_a_literal_loopback_address_is_refused(client, site) -
     ("https://169.254.169.254/latest/meta-data/", r"not public \(cloud metadata\)"),
     ("https://[fd00:ec2::254]/", r"not public \(cloud metadata\)"),
 ])
-async def test_redirect_to_the_metadata_address_is_refused(client, site, target, message) -> None:
+async def test_redirect_to_the_metadata_address_is_refused(client: ClientFactory, site: Site,
+                                                           target: str, message: str) -> None:
     """A redirect to the cloud metadata address is refused without any connection to it."""
     c = await client()
 
@@ -425,7 +435,7 @@ async def test_redirect_to_the_metadata_address_is_refused(client, site, target,
     assert c.resolver.asked == ["localhost"]
 
 
-async def test_plain_http_to_a_host_not_allowlisted_is_refused(client) -> None:
+async def test_plain_http_to_a_host_not_allowlisted_is_refused(client: ClientFactory) -> None:
     """http:// is refused for hosts outside allow_hosts, before resolving or connecting."""
     c = await client()
 
@@ -435,7 +445,7 @@ async def test_plain_http_to_a_host_not_allowlisted_is_refused(client) -> None:
     assert (c.resolver.asked, c.recorder.addresses) == ([], [])
 
 
-async def test_chunked_body_over_the_cap_is_refused(client, site) -> None:
+async def test_chunked_body_over_the_cap_is_refused(client: ClientFactory, site: Site) -> None:
     """A chunked body (no Content-Length) is counted while streaming and cut off over the cap."""
     c = await client()
 
@@ -446,7 +456,8 @@ async def test_chunked_body_over_the_cap_is_refused(client, site) -> None:
     assert len(exact.body) == CAP
 
 
-async def test_close_delimited_body_over_the_cap_is_refused(client, raw_site) -> None:
+async def test_close_delimited_body_over_the_cap_is_refused(client: ClientFactory,
+                                                            raw_site: Site) -> None:
     """A body with no length, read until the server closes, is cut off over the cap."""
     c = await client()
 
@@ -454,7 +465,8 @@ async def test_close_delimited_body_over_the_cap_is_refused(client, raw_site) ->
         await c.http.request("GET", raw_site.url("/no-length"))
 
 
-async def test_declared_length_over_the_cap_is_refused(client, raw_site) -> None:
+async def test_declared_length_over_the_cap_is_refused(client: ClientFactory,
+                                                       raw_site: Site) -> None:
     """A Content-Length over the cap is refused without reading the body."""
     c = await client()
 
@@ -462,7 +474,7 @@ async def test_declared_length_over_the_cap_is_refused(client, raw_site) -> None
         await c.http.request("GET", raw_site.url("/long-length"))
 
 
-async def test_head_of_a_large_resource_is_not_refused(client, site) -> None:
+async def test_head_of_a_large_resource_is_not_refused(client: ClientFactory, site: Site) -> None:
     """A HEAD whose Content-Length is over the cap succeeds: there is no body to read."""
     c = await client()
 
@@ -472,7 +484,8 @@ async def test_head_of_a_large_resource_is_not_refused(client, site) -> None:
     assert result.headers["content-length"] == str(CAP * 2)
 
 
-async def test_lying_small_content_length_never_yields_more(client, raw_site) -> None:
+async def test_lying_small_content_length_never_yields_more(client: ClientFactory,
+                                                            raw_site: Site) -> None:
     """Data past a small Content-Length is a broken response, never a bigger body."""
     c = await client()
 
@@ -482,7 +495,7 @@ async def test_lying_small_content_length_never_yields_more(client, raw_site) ->
     assert str(caught.value) == f"{raw_site.url('/')}: invalid HTTP response"
 
 
-async def test_slow_response_times_out(client, site) -> None:
+async def test_slow_response_times_out(client: ClientFactory, site: Site) -> None:
     """A request slower than the app's timeout fails with a short message."""
     c = await client()
     started = time.monotonic()
@@ -494,7 +507,7 @@ async def test_slow_response_times_out(client, site) -> None:
     assert time.monotonic() - started < 2
 
 
-async def test_timeout_is_clamped_to_the_policy(client, site) -> None:
+async def test_timeout_is_clamped_to_the_policy(client: ClientFactory, site: Site) -> None:
     """An app asking for more time than the policy allows gets the policy's limit."""
     c = await client(timeout_s=0.3)
 
@@ -502,7 +515,7 @@ async def test_timeout_is_clamped_to_the_policy(client, site) -> None:
         await c.http.request("GET", site.url("/slow"), timeout_s=600)
 
 
-async def test_in_flight_requests_are_capped_per_call(client, site) -> None:
+async def test_in_flight_requests_are_capped_per_call(client: ClientFactory, site: Site) -> None:
     """30 requests at once through one call all succeed, at most 20 in flight at a time."""
     c = await client()
 
@@ -513,7 +526,7 @@ async def test_in_flight_requests_are_capped_per_call(client, site) -> None:
     assert site.most_in_flight == 20
 
 
-async def test_untrusted_certificate_is_refused(client, site) -> None:
+async def test_untrusted_certificate_is_refused(client: ClientFactory, site: Site) -> None:
     """Without the test CA, the server's certificate fails verification."""
     c = await client(trust=False)
 
@@ -521,7 +534,8 @@ async def test_untrusted_certificate_is_refused(client, site) -> None:
         await c.http.request("GET", site.url("/hello"))
 
 
-async def test_certificate_is_checked_against_the_host_name(client, site) -> None:
+async def test_certificate_is_checked_against_the_host_name(client: ClientFactory,
+                                                            site: Site) -> None:
     """An allowlisted literal address is still held to its certificate, which names localhost."""
     c = await client(allow_hosts=frozenset({"127.0.0.1"}))
 
@@ -529,7 +543,7 @@ async def test_certificate_is_checked_against_the_host_name(client, site) -> Non
         await c.http.request("GET", site.url("/hello", host="127.0.0.1"))
 
 
-async def test_rebinding_name_connects_only_to_the_checked_address(client) -> None:
+async def test_rebinding_name_connects_only_to_the_checked_address(client: ClientFactory) -> None:
     """A name that answers public then loopback is connected to at the public address only."""
     stub = StubResolver({"rebind.test": [["8.8.8.8"], ["127.0.0.1"]]})
     c = await client(resolver=stub)
@@ -544,7 +558,8 @@ async def test_rebinding_name_connects_only_to_the_checked_address(client) -> No
     assert c.recorder.addresses == ["8.8.8.8"]
 
 
-async def test_connection_goes_to_the_checked_address_under_the_name(client, site) -> None:
+async def test_connection_goes_to_the_checked_address_under_the_name(client: ClientFactory,
+                                                                     site: Site) -> None:
     """The connector uses the address checked for the request, with TLS verified by name."""
     stub = StubResolver({"localhost": [["127.0.0.1"], ["127.0.0.2"]]})
     c = await client(resolver=stub)
@@ -644,7 +659,8 @@ def test_address_classifier(address: str, reason: str | None) -> None:
     ("https://localhost/", r"localhost resolves to 127\.0\.0\.1, which is not public"),
     ("https://LOCALHOST./", r"localhost\. resolves to 127\.0\.0\.1, which is not public"),
 ])
-async def test_tricky_urls_are_refused_before_connecting(client, url, message) -> None:
+async def test_tricky_urls_are_refused_before_connecting(client: ClientFactory, url: str,
+                                                         message: str) -> None:
     """Odd schemes, credentials, ports and numeric or private hosts never reach a socket."""
     c = await client(allow_hosts=frozenset())
 
@@ -654,7 +670,7 @@ async def test_tricky_urls_are_refused_before_connecting(client, url, message) -
     assert c.recorder.addresses == []
 
 
-async def test_unknown_host_is_a_clear_error(client) -> None:
+async def test_unknown_host_is_a_clear_error(client: ClientFactory) -> None:
     """A name that does not resolve names the host and nothing else."""
     c = await client()
 
@@ -662,7 +678,7 @@ async def test_unknown_host_is_a_clear_error(client) -> None:
         await c.http.request("GET", "https://nowhere.test/secret?key=abc")
 
 
-async def test_messages_never_show_the_path_or_query(client, site) -> None:
+async def test_messages_never_show_the_path_or_query(client: ClientFactory, site: Site) -> None:
     """Errors name only the origin: paths and queries can hold keys."""
     c = await client()
 
@@ -670,6 +686,24 @@ async def test_messages_never_show_the_path_or_query(client, site) -> None:
         await c.http.request("GET", site.url("/slow?api_key=s3cret"), timeout_s=0.2)
 
     assert "s3cret" not in str(caught.value)
+
+
+async def test_each_request_logs_one_line_without_path_or_query(client: ClientFactory,
+                                                                site: Site) -> None:
+    """One http_request line per request, tagged with the call, naming only the origin."""
+    c = await client()
+    http = c.http.outbound.for_call(request_id="call-1")
+
+    with capture_logs() as logs:
+        await http.request("GET", site.url("/hello?token=s3cret"))
+        with pytest.raises(OutboundRefused):
+            await http.request("GET", "https://10.0.0.1/?token=s3cret")
+
+    lines = [entry for entry in logs if entry["event"] == "http_request"]
+    assert [(e["outcome"], e["status"], e["request_id"]) for e in lines] == [
+        ("ok", 200, "call-1"), ("refused", None, "call-1")]
+    assert lines[0]["origin"] == site.url("/")
+    assert "s3cret" not in repr(logs)
 
 
 def test_policy_rejects_unusable_limits() -> None:

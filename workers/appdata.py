@@ -833,6 +833,8 @@ class SqliteAppData(AppData):
     one short batch.
     """
 
+    sql: SqliteSql
+
     def __init__(
         self, path: str | Path, *, max_value_bytes: int = 1_048_576, max_query_limit: int = 1000
     ) -> None:
@@ -962,6 +964,8 @@ class PostgresAppData(AppData):
     psycopg is imported on first use, so processes on SQLite do not pay for it.
     """
 
+    sql: PostgresSql
+
     def __init__(
         self,
         url: str,
@@ -984,16 +988,25 @@ class PostgresAppData(AppData):
         import psycopg
         from psycopg_pool import AsyncConnectionPool
 
-        options = {"autocommit": True, "prepare_threshold": None}
+        # No server-side prepared statements: a transaction-mode pooler cannot keep them.
+        options: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
         try:
             conninfo = _pg_conninfo(self.url)
             # One plain connection first: an unreachable server fails here at once, where the
             # pool would retry until its timeout.
-            async with await psycopg.AsyncConnection.connect(conninfo, **options) as conn:
+            connect = psycopg.AsyncConnection.connect(
+                conninfo, autocommit=True, prepare_threshold=None
+            )
+            async with await connect as conn:
                 await _pg_migrate(conn, self.sql.MIGRATIONS)
             pool = AsyncConnectionPool(
-                conninfo, min_size=1, max_size=self.max_connections, kwargs=options,
-                timeout=PG_POOL_WAIT_S, name="appdata", open=False,
+                conninfo,
+                min_size=1,
+                max_size=self.max_connections,
+                kwargs=options,
+                timeout=PG_POOL_WAIT_S,
+                name="appdata",
+                open=False,
             )
             await pool.open()
         except psycopg.Error as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import os
 import socket
@@ -34,6 +36,7 @@ from workers.jobs import (
     worker_key,
 )
 from workers.jail import Isolation, Slot, allocate_slots, make_jail, probe, release_slots
+from workers.outbound import CallHttp, Outbound, OutboundPolicy
 from workers.pool import SandboxPool
 from workers.sandbox import CallInput, Limits, SandboxError
 
@@ -75,6 +78,7 @@ class Farm:
         )
         self.code = CodeCache(LocalBlobStore(settings.resolved_blob_dir))
         self.limits = sandbox_limits(settings)
+        self.outbound = Outbound(OutboundPolicy.from_settings(settings))
         self.pool: SandboxPool | None = None
         self.slots: list[Slot] = []
         self.running = 0
@@ -83,6 +87,7 @@ class Farm:
     async def start(self) -> None:
         self.pool = await asyncio.to_thread(self._build_pool)
         await self.data.open()
+        await self.outbound.open()
         self.pool.fill()
         await self._beat()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -122,6 +127,7 @@ class Farm:
         if self.pool is not None:
             await self.pool.close()
         await asyncio.to_thread(release_slots, self.slots)
+        await self.outbound.close()
         await self.data.close()
         log.info("worker_stopped", worker_id=self.worker_id)
 
@@ -180,7 +186,8 @@ class Farm:
                          env=job.env, filename=f"{job.app_name}.py")
         scope = Scope(job.app_id, str(job.user["id"]) if job.user else "")
         try:
-            result = await sandbox.run(call, remaining, DataHandler(self.data, scope))
+            http = self.outbound.for_call(request_id=job.call_id, app_id=job.app_id)
+            result = await sandbox.run(call, remaining, SdkHandler(self.data, scope, http))
         finally:
             await self.pool.retire(sandbox)
         return CallReply(str(result.outcome), value=result.value, error=result.error,
@@ -195,12 +202,13 @@ class Farm:
             await pipe.execute()
 
 
-class DataHandler:
-    """Serves a sandbox's data requests against its (app, caller) scope."""
+class SdkHandler:
+    """Serves a sandbox's SDK requests: data in its (app, caller) scope, and outbound HTTP."""
 
-    def __init__(self, data: SqliteAppData, scope: Scope) -> None:
+    def __init__(self, data: SqliteAppData, scope: Scope, http: CallHttp) -> None:
         self.data = data
         self.scope = scope
+        self.http = http
 
     async def __call__(self, op: str, payload: dict[str, Any]) -> Any:
         method = getattr(self, f"op_{op}", None)
@@ -236,6 +244,24 @@ class DataHandler:
 
     async def op_remove_many(self, keys: list[str]) -> int:
         return await self.data.remove_many(self.scope, keys)
+
+    async def op_http(self, method: str, url: str, headers: dict[str, str] | None = None,
+                      body: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        if not isinstance(url, str) or not isinstance(method, str):
+            raise DataError("http: method and url must be strings")
+        try:
+            payload = base64.b64decode(body, validate=True) if body is not None else None
+        except (binascii.Error, TypeError):
+            raise DataError("http: the request body is not valid base64") from None
+        if headers is not None and not (isinstance(headers, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+            raise DataError("http: headers must map strings to strings")
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise DataError("http: timeout must be a number of seconds")
+        result = await self.http.request(method, url, headers=headers, body=payload,
+                                         timeout_s=timeout)
+        return {"status": result.status, "headers": result.headers, "url": result.url,
+                "body": base64.b64encode(result.body).decode("ascii")}
 
 
 async def run_call(ctx: dict[str, Any], job: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any
 
 import aiohttp
 import structlog
@@ -26,10 +26,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohappyeyeballs import SocketFactoryType
 from yarl import URL
 
+from config import Settings
 from workers import WorkerError
-
-if TYPE_CHECKING:
-    from config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -333,8 +331,9 @@ class Outbound:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    def for_call(self) -> CallHttp:
-        return CallHttp(self)
+    def for_call(self, **log_context: Any) -> CallHttp:
+        """A handle for one call; ``log_context`` (request_id, app_id, ...) tags its log lines."""
+        return CallHttp(self, log.bind(**log_context))
 
     async def _fetch(self, method: str, target: Target, headers: dict[str, str],
                     body: bytes | None) -> HttpResult:
@@ -433,9 +432,10 @@ class Outbound:
 class CallHttp:
     """One call's outbound HTTP: at most ``max_in_flight`` requests at a time, the rest wait."""
 
-    def __init__(self, outbound: Outbound) -> None:
+    def __init__(self, outbound: Outbound, logger: Any = None) -> None:
         self.outbound = outbound
         self.policy = outbound.policy
+        self._log = logger or log
         self._slots = asyncio.Semaphore(self.policy.max_in_flight)
 
     async def request(self, method: str, url: str, headers: Mapping[str, str] | None = None,
@@ -461,9 +461,9 @@ class CallHttp:
                 outcome = "refused"
                 raise
             finally:
-                log.info("http_request", method=verb, origin=target.origin, status=status,
-                         outcome=outcome,
-                         elapsed_ms=round((time.perf_counter() - started) * 1000, 2))
+                elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+                self._log.info("http_request", method=verb, origin=target.origin, status=status,
+                               outcome=outcome, elapsed_ms=elapsed_ms)
 
     def _timeout(self, asked: float | None) -> float:
         if asked is None:

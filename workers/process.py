@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -31,17 +32,95 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 async def connect(settings: Settings) -> ArqRedis:
-    """An arq Redis pool with the farm's JSON serializer."""
+    """An arq Redis pool with the farm's JSON serializer: one URL, or a master through Sentinel."""
+    redis_settings = redis_settings_from(settings)
     try:
         return await create_pool(
-            RedisSettings.from_dsn(settings.redis_url),
+            redis_settings,
             job_serializer=serialize_job,
             job_deserializer=deserialize_job,
             default_queue_name=settings.queue_name,
             retry=2,
         )
     except (RedisError, OSError) as exc:
-        raise WorkerError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        reason = _without_password(str(exc), redis_settings.password)
+        raise WorkerError(f"cannot reach Redis at {redis_location(settings)}: {reason}") from exc
+
+
+def redis_settings_from(settings: Settings) -> RedisSettings:
+    """arq's connection settings: redis:// or rediss:// (TLS), optionally through Sentinel."""
+    try:
+        redis = RedisSettings.from_dsn(settings.redis_url)
+    except (RuntimeError, ValueError) as exc:
+        raise WorkerError(
+            "ULTRALIGHT_REDIS_URL must be redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://… for "
+            "TLS, or unix://PATH"
+        ) from exc
+    _apply_tls(redis, settings)
+    if settings.redis_sentinels:
+        if settings.redis_tls_ca_file or settings.redis_tls_insecure:
+            # arq hands Sentinel connections `ssl` alone, so these would be silently ignored.
+            raise WorkerError(
+                "ULTRALIGHT_REDIS_TLS_CA_FILE and ULTRALIGHT_REDIS_TLS_INSECURE do not work with "
+                "ULTRALIGHT_REDIS_SENTINELS; with Sentinel, rediss:// trusts the system's CAs"
+            )
+        redis.host = sentinel_addresses(settings.redis_sentinels)
+        redis.sentinel = True
+        redis.sentinel_master = settings.redis_sentinel_master
+    return redis
+
+
+def _apply_tls(redis: RedisSettings, settings: Settings) -> None:
+    ca_file, insecure = settings.redis_tls_ca_file, settings.redis_tls_insecure
+    if not redis.ssl:
+        if ca_file or insecure:
+            raise WorkerError(
+                "ULTRALIGHT_REDIS_TLS_CA_FILE and ULTRALIGHT_REDIS_TLS_INSECURE need a rediss:// "
+                "ULTRALIGHT_REDIS_URL"
+            )
+        return
+    if ca_file and not os.path.isfile(ca_file):
+        raise WorkerError(f"ULTRALIGHT_REDIS_TLS_CA_FILE={ca_file!r} is not a file")
+    redis.ssl_ca_certs = ca_file or None
+    redis.ssl_cert_reqs = "none" if insecure else "required"
+    redis.ssl_check_hostname = not insecure
+    if insecure:
+        log.warning("redis_tls_insecure", detail="the Redis server's certificate is not checked")
+
+
+def sentinel_addresses(raw: str) -> list[tuple[str, int]]:
+    """Parse "host:port,host:port" (IPv6 hosts in brackets) into (host, port) pairs."""
+    addresses = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        host, _, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise WorkerError(
+                f"ULTRALIGHT_REDIS_SENTINELS holds {item!r}; give host:port pairs, comma-separated"
+            )
+        addresses.append((host, int(port)))
+    if not addresses:
+        raise WorkerError("ULTRALIGHT_REDIS_SENTINELS holds no host:port pair")
+    return addresses
+
+
+def redis_location(settings: Settings) -> str:
+    """Where Redis is, for messages and logs: never the password."""
+    if settings.redis_sentinels:
+        sentinels = settings.redis_sentinels.replace(" ", "")
+        return f"master {settings.redis_sentinel_master!r} via sentinels {sentinels}"
+    try:
+        parts = urlsplit(settings.redis_url)
+        port = parts.port
+    except ValueError:
+        return "(an unreadable ULTRALIGHT_REDIS_URL)"
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    return f"{parts.scheme}://{parts.hostname or 'localhost'}:{port or 6379}{parts.path}"
+
+
+def _without_password(text: str, password: str | None) -> str:
+    return text.replace(password, "***") if password else text
 
 
 async def run_one(settings: Settings) -> None:

@@ -25,6 +25,9 @@ log = structlog.get_logger(__name__)
 RUNAWAY_OUTPUT_FACTOR = 16
 START_TIMEOUT_S = 10.0
 MAX_RESULT_DEPTH = 64
+# SDK requests of one call served at once; more wait until one is answered.
+MAX_PENDING_REQUESTS = 64
+MAX_UNREAD_BYTES = 64 * 1024 * 1024
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -124,6 +127,7 @@ class SandboxProcess:
         self._pids_events = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._to_child: int | None = None
+        self._writer: asyncio.WriteTransport | None = None
         self._reader: asyncio.StreamReader | None = None
         self._read_transport: asyncio.BaseTransport | None = None
         self._output = _Output(limits.max_output_bytes)
@@ -153,6 +157,8 @@ class SandboxProcess:
             os.close(child_in)
             os.close(child_out)
         self._reader = await self._pipe_reader(from_child)
+        self._writer = await self._pipe_writer(self._to_child)
+        self._to_child = None  # owned by the transport now
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._drains = [
             asyncio.create_task(self._output.drain(self._proc.stdout)),
@@ -187,13 +193,20 @@ class SandboxProcess:
         )
         return reader
 
+    async def _pipe_writer(self, fd: int) -> asyncio.WriteTransport:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_write_pipe(
+            asyncio.BaseProtocol, os.fdopen(fd, "wb", buffering=0)
+        )
+        return transport  # type: ignore[return-value]
+
     def _send(self, message: dict[str, Any]) -> None:
-        assert self._to_child is not None
-        data = orjson.dumps(message) + b"\n"
-        view = memoryview(data)
-        while view:
-            written = os.write(self._to_child, view)
-            view = view[written:]
+        """Queue one line for the sandbox; never blocks, even if the sandbox stops reading."""
+        if self._writer is None or self._writer.is_closing():
+            raise BrokenPipeError("the sandbox closed its channel")
+        self._writer.write(orjson.dumps(message) + b"\n")
+        if self._writer.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            raise BrokenPipeError("the sandbox stopped reading its replies")
 
     async def run(self, call: CallInput, timeout_s: float, handler: Handler) -> CallResult:
         """Send the call, serve SDK requests until the result, and always clean up."""
@@ -234,32 +247,60 @@ class SandboxProcess:
         except OSError:
             return await self._ended()
         runaway = asyncio.create_task(self._output.runaway.wait())
+        serving: set[asyncio.Task[None]] = set()
         try:
             while True:
-                line_task = asyncio.create_task(self._reader.readline())
-                done, _ = await asyncio.wait({line_task, runaway},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if runaway in done:
-                    line_task.cancel()
-                    return CallResult(Outcome.OUTPUT_LIMIT, error=(
-                        f"the call wrote more than {self._output.cap * RUNAWAY_OUTPUT_FACTOR} "
-                        "bytes of output and was stopped"))
-                try:
-                    line = line_task.result()
-                except ValueError:
-                    return CallResult(Outcome.OUTPUT_LIMIT, error=(
-                        f"the result is larger than {self.limits.max_result_bytes} bytes"))
-                if not line:
-                    return await self._ended()
-                message = orjson.loads(line)
+                message = await self._next_message(runaway)
+                if isinstance(message, CallResult):
+                    return message
                 if message.get("op") in {"result", "error"}:
                     return _final(message)
-                self._send(await _serve(handler, message))
-        except orjson.JSONDecodeError:
-            return CallResult(Outcome.INVALID_RESULT, error="the sandbox sent something that is "
-                              "not JSON")
+                while len(serving) >= MAX_PENDING_REQUESTS:
+                    await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.create_task(self._answer(handler, message))
+                serving.add(task)
+                task.add_done_callback(serving.discard)
+        except BrokenPipeError as exc:
+            return CallResult(Outcome.CRASH, error=f"the call broke its channel: {exc}")
         finally:
             runaway.cancel()
+            for task in serving:
+                task.cancel()
+
+    async def _next_message(self, runaway: asyncio.Task[Any]) -> dict[str, Any] | CallResult:
+        """The sandbox's next line as a message, or the result its absence means."""
+        assert self._reader is not None
+        line_task = asyncio.create_task(self._reader.readline())
+        done, _ = await asyncio.wait({line_task, runaway}, return_when=asyncio.FIRST_COMPLETED)
+        if runaway in done:
+            line_task.cancel()
+            return CallResult(Outcome.OUTPUT_LIMIT, error=(
+                f"the call wrote more than {self._output.cap * RUNAWAY_OUTPUT_FACTOR} "
+                "bytes of output and was stopped"))
+        try:
+            line = line_task.result()
+        except ValueError:
+            return CallResult(Outcome.OUTPUT_LIMIT, error=(
+                f"the result is larger than {self.limits.max_result_bytes} bytes"))
+        if not line:
+            return await self._ended()
+        try:
+            message = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return CallResult(Outcome.INVALID_RESULT, error="the call sent something that is not "
+                              "JSON (NaN, infinities and lone surrogates are not JSON either)")
+        if not isinstance(message, dict):
+            return CallResult(Outcome.INVALID_RESULT, error="the call sent a malformed message")
+        return message
+
+    async def _answer(self, handler: Handler, message: dict[str, Any]) -> None:
+        reply = await _serve(handler, message)
+        if "rid" in message:
+            reply["rid"] = message["rid"]
+        try:
+            self._send(reply)
+        except BrokenPipeError:
+            pass  # the call is over or misbehaving; its result says so
 
     async def _ended(self) -> CallResult:
         """The sandbox closed its pipe without a result: say how it ended."""
@@ -285,6 +326,10 @@ class SandboxProcess:
             with contextlib.suppress(OSError):
                 os.close(self._to_child)
             self._to_child = None
+        if self._writer is not None:
+            if not self._writer.is_closing():
+                self._writer.abort()
+            self._writer = None
         if self._proc is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -301,6 +346,8 @@ class SandboxProcess:
 
 
 async def _serve(handler: Handler, message: dict[str, Any]) -> dict[str, Any]:
+    message = dict(message)
+    message.pop("rid", None)
     op = message.pop("op", None)
     if not isinstance(op, str):
         return {"error": "a request without an operation", "type": "PlatformError"}
@@ -308,6 +355,10 @@ async def _serve(handler: Handler, message: dict[str, Any]) -> dict[str, Any]:
         return {"ok": await handler(op, message)}
     except WorkerError as exc:
         return {"error": str(exc), "type": type(exc).__name__}
+    except Exception:
+        log.exception("sdk_request_failed", op=op)
+        return {"error": f"the platform failed to serve {op}; it was logged",
+                "type": "PlatformError"}
 
 
 def _depth(value: Any) -> int:

@@ -43,11 +43,19 @@ def die_with_parent() -> None:
 
 
 class Channel:
-    """The line-delimited JSON pipe to the worker."""
+    """The line-delimited JSON pipes to the worker.
+
+    SDK requests carry an id so several threads of an app may have requests in flight at once;
+    a reader thread, started on the first request, hands each reply to the thread waiting for it.
+    """
 
     def __init__(self, request_fd: int, reply_fd: int) -> None:
         self._reader = open(request_fd, "rb")  # noqa: SIM115 - lives as long as the process
         self._writer = open(reply_fd, "wb", buffering=0)  # noqa: SIM115
+        self._write_lock = None
+        self._waiting: dict[int, list[Any]] = {}
+        self._next_id = 0
+        self._started = False
 
     def receive(self) -> dict[str, Any]:
         line = self._reader.readline()
@@ -57,19 +65,57 @@ class Channel:
 
     def send(self, message: dict[str, Any]) -> None:
         text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        self._writer.write(text.encode("utf-8") + b"\n")
+        self.send_raw(text.encode("utf-8") + b"\n")
+
+    def send_raw(self, data: bytes) -> None:
+        if self._write_lock is None:
+            self._writer.write(data)
+            return
+        with self._write_lock:
+            self._writer.write(data)
+
+    def _start_reader(self) -> None:
+        import threading
+
+        self._write_lock = threading.Lock()
+        self._table_lock = threading.Lock()
+        threading.Thread(target=self._read_replies, daemon=True).start()
+        self._started = True
+
+    def _read_replies(self) -> None:
+        while True:
+            reply = self.receive()
+            with self._table_lock:
+                slot = self._waiting.pop(reply.get("rid"), None)
+            if slot is not None:
+                slot[1] = reply
+                slot[0].set()
 
     def request(self, op: str, payload: dict[str, Any]) -> Any:
+        import threading
+
         import ultralight
 
+        if not self._started:
+            self._start_reader()
+        slot: list[Any] = [threading.Event(), None]
+        with self._table_lock:
+            self._next_id += 1
+            rid = self._next_id
+            self._waiting[rid] = slot
         try:
-            self.send({"op": op, **payload})
+            self.send({"op": op, "rid": rid, **payload})
         except (TypeError, ValueError) as exc:
+            with self._table_lock:
+                self._waiting.pop(rid, None)
             raise ValueError(f"{op}: the value is not JSON data ({exc})") from None
-        reply = self.receive()
+        slot[0].wait()
+        reply = slot[1]
         if "error" in reply:
             if reply.get("type") == "DataError":
-                raise ValueError(reply["error"])
+                raise ultralight.SdkError(reply["error"])
+            if reply.get("type") in ("OutboundError", "OutboundRefused"):
+                raise ultralight.HttpError(reply["error"])
             raise ultralight.PlatformError(reply["error"])
         return reply.get("ok")
 
@@ -152,7 +198,7 @@ def run(channel: Channel) -> None:
     except ValueError as exc:
         channel.send({"op": "error", "kind": "invalid_result", "message": str(exc)})
         return
-    channel._writer.write(b'{"op":"result","value":' + text.encode("utf-8") + b"}\n")
+    channel.send_raw(b'{"op":"result","value":' + text.encode("utf-8") + b"}\n")
 
 
 def main() -> None:

@@ -13,7 +13,11 @@ import types as _types
 from typing import Any
 
 __all__ = [
+    "HttpError",
+    "PlatformError",
+    "SdkError",
     "env",
+    "http",
     "keys",
     "load",
     "load_many",
@@ -34,7 +38,15 @@ _request: Any = None
 
 
 class PlatformError(RuntimeError):
-    """The platform refused or could not serve an SDK call."""
+    """The platform could not serve an SDK call."""
+
+
+class SdkError(ValueError):
+    """The platform refused an SDK call: a bad key, filter or value. The message says why."""
+
+
+class HttpError(SdkError):
+    """An outbound request was refused by the platform's policy or failed."""
 
 
 def _call(op: str, **payload: Any) -> Any:
@@ -105,3 +117,89 @@ def new_id() -> str:
 def now() -> _dt.datetime:
     """The current time, timezone-aware, in UTC."""
     return _dt.datetime.now(_dt.timezone.utc)
+
+
+class Response:
+    """What ``http`` requests return."""
+
+    def __init__(self, status: int, headers: dict[str, str], content: bytes, url: str) -> None:
+        self.status_code = status
+        self.headers = headers
+        self.content = content
+        self.url = url
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code < 400
+
+    @property
+    def text(self) -> str:
+        charset = "utf-8"
+        for part in self.headers.get("content-type", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name.lower() == "charset" and value:
+                charset = value.strip('"')
+        try:
+            return self.content.decode(charset, errors="replace")
+        except LookupError:
+            return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.content)
+
+    def raise_for_status(self) -> None:
+        if not self.ok:
+            raise HttpError(f"{self.url}: HTTP {self.status_code}")
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status_code} {self.url}>"
+
+
+class _Http:
+    """Outbound HTTP, made by the worker on the app's behalf (HTTPS, public addresses only)."""
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: bytes | str | None = None,
+        json: Any = None,
+        timeout: float | None = None,
+    ) -> Response:
+        import base64
+
+        if json is not None:
+            import json as _json
+
+            data = _json.dumps(json)
+            headers = {"content-type": "application/json", **(headers or {})}
+        body = data.encode("utf-8") if isinstance(data, str) else data
+        reply = _call(
+            "http",
+            method=method.upper(),
+            url=url,
+            headers=dict(headers or {}),
+            body=base64.b64encode(body).decode("ascii") if body is not None else None,
+            timeout=timeout,
+        )
+        content = base64.b64decode(reply["body"])
+        return Response(reply["status"], reply["headers"], content, reply["url"])
+
+    def get(self, url: str, **kwargs: Any) -> Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Response:
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> Response:
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> Response:
+        return self.request("DELETE", url, **kwargs)
+
+
+http = _Http()
