@@ -1,4 +1,4 @@
-"""Tests for workers.process.connect: Redis by URL, over TLS, and through Sentinel, all on loopback."""
+"""Tests for workers.process.connect: Redis by URL, over TLS and through Sentinel, on loopback."""
 
 from __future__ import annotations
 
@@ -95,8 +95,7 @@ def test_tls_ca_file_and_insecure_mode(certificates: Certificates) -> None:
     ],
 )
 def test_inconsistent_redis_settings_are_refused(values: dict[str, str]) -> None:
-    """TLS options without rediss://, a missing CA file, a bad scheme, or TLS options that
-    Sentinel would ignore, are refused before any connection is tried."""
+    """Settings that cannot work (or that arq would ignore) are refused before connecting."""
     with pytest.raises(WorkerError, match="ULTRALIGHT_REDIS_"):
         redis_settings_from(settings(**values))
 

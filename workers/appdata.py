@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeGuard, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import orjson
@@ -170,7 +170,7 @@ def check_page(limit: object, offset: object, max_limit: int) -> tuple[int, int]
     return limit, offset
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -359,7 +359,7 @@ class SqliteSql:
 
     def upsert(self, scope: Scope, key: str, value: str, updated_at: int) -> Statement:
         params = _Params()
-        row = [scope.app_id, scope.user_id, key, value, updated_at]
+        row: list[Scalar] = [scope.app_id, scope.user_id, key, value, updated_at]
         sql = (
             "INSERT INTO app_data (app_id, user_id, key, value, updated_at)"
             f" VALUES ({', '.join(params.add(item) for item in row)})"

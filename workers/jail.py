@@ -83,6 +83,8 @@ class Jail:
             "--chdir", "/tmp", "--clearenv",
             "--setenv", "PATH", "/usr/bin", "--setenv", "LANG", "C.UTF-8",
             "--setenv", "HOME", "/tmp",
+            # Per-thread malloc arenas would spend the address-space limit on reservations.
+            "--setenv", "MALLOC_ARENA_MAX", "2",
         ]
         return argv
 

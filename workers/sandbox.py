@@ -147,7 +147,7 @@ class SandboxProcess:
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=(child_in, child_out),
                 start_new_session=True,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "random"},
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"},
                 limit=self.limits.max_result_bytes + 1024,
                 **user,  # type: ignore[arg-type]
             )

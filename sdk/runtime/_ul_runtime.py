@@ -14,6 +14,7 @@ import types
 from typing import Any
 
 EXIT_BAD_START = 97
+THREAD_STACK_BYTES = 1024 * 1024
 
 
 def set_limits(limits: dict[str, int]) -> None:
@@ -77,6 +78,8 @@ class Channel:
     def _start_reader(self) -> None:
         import threading
 
+        # Threads count against the address-space limit by their stacks: keep them modest.
+        threading.stack_size(THREAD_STACK_BYTES)
         self._write_lock = threading.Lock()
         self._table_lock = threading.Lock()
         threading.Thread(target=self._read_replies, daemon=True).start()
