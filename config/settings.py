@@ -42,6 +42,9 @@ class Settings:
 
     # Queue.
     queue_name: str = "ultralight:calls"
+    # Replays run on their own queue, never ahead of live calls.
+    replay_queue_name: str = "ultralight:replays"
+    replay_concurrency: int = 2
     # Safety net only: workers are woken on enqueue, this is how often they look anyway.
     worker_poll_s: float = 2.0
     worker_heartbeat_s: float = 1.0
@@ -100,6 +103,37 @@ class Settings:
     http_max_bytes: int = 10_485_760
     # A CA bundle trusted besides the system store; empty means the system store alone.
     http_ca_file: str = ""
+
+    # Identity, access and limits.
+    # Supabase JWTs, verified locally. supabase_url sets the issuer ({url}/auth/v1) and the JWKS
+    # ({url}/auth/v1/.well-known/jwks.json) unless jwt_issuer or jwt_jwks_url say otherwise;
+    # jwt_secret (the project's JWT secret) enables HS256. All empty: JWTs are refused.
+    supabase_url: str = ""
+    jwt_secret: str = dataclasses.field(default="", repr=False)
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = "authenticated"
+    jwt_algorithms: str = "HS256,RS256,ES256"
+    jwt_leeway_s: float = 5.0
+    # The JWKS is fetched once and kept; an unknown kid refetches it, at most this often.
+    jwks_refresh_min_s: float = 10.0
+    jwks_timeout_s: float = 5.0
+    # Permission, token and secret caches: invalidated through Redis at once, this is the backstop.
+    access_cache_ttl_s: float = 10.0
+    # Peers (IPs or CIDRs, comma separated) whose X-Forwarded-For names the client's address.
+    trusted_proxies: str = ""
+    # Calls per minute per caller (user, or address when anonymous), by MCP method.
+    rate_limit_call_per_min: int = 100
+    rate_limit_list_per_min: int = 30
+    rate_limit_initialize_per_min: int = 10
+    # Tool calls per week by tier, "tier:calls,..."; 0 is unlimited; weeks start Sunday 00:00 UTC.
+    weekly_quotas: str = "anonymous:1000,free:10000,pro:250000,unlimited:0"
+    # How long the gates may wait on Redis before the call is refused (503, fail closed).
+    gate_timeout_s: float = 2.0
+    # AES-GCM keyrings, "id:base64key,..." with the current key first. Empty: a key generated
+    # once in data_dir (mode 0600), fine when every process shares that folder.
+    secret_keys: str = dataclasses.field(default="", repr=False)
+    farm_key: str = dataclasses.field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

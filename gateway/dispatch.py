@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from gateway import GatewayError
 from workers.jobs import (
     RUN_CALL,
-    WAKE_CHANNEL,
+    wake_channel,
     CallJob,
     CallReply,
     claim_key,
@@ -47,7 +47,7 @@ class Dispatcher:
                 RUN_CALL, job.to_wire(), _job_id=job.call_id, _queue_name=self.queue_name,
                 _expires=datetime.timedelta(seconds=max(1.0, job.deadline - time.time())),
             )
-            await self.redis.publish(WAKE_CHANNEL, b"1")
+            await self.redis.publish(wake_channel(self.queue_name), b"1")
         except (RedisError, OSError) as exc:
             raise DispatchError("unavailable", "the call queue is unavailable; try again "
                                 "shortly") from exc

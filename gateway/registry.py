@@ -57,7 +57,60 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (app_id, version)
     );
     """,
+    # 2: identity, access control, limits and secrets.
+    """
+    ALTER TABLE users ADD COLUMN tier TEXT NOT NULL DEFAULT 'free';
+    ALTER TABLE users ADD COLUMN auth_subject TEXT;
+    CREATE UNIQUE INDEX users_auth_subject ON users(auth_subject);
+    ALTER TABLE tokens ADD COLUMN scopes TEXT NOT NULL DEFAULT '["*"]';
+    ALTER TABLE tokens ADD COLUMN apps TEXT;
+    ALTER TABLE tokens ADD COLUMN functions TEXT;
+    CREATE INDEX tokens_user ON tokens(user_id);
+    ALTER TABLE apps ADD COLUMN limit_per_minute INTEGER;
+    ALTER TABLE apps ADD COLUMN limit_per_day INTEGER;
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        app_id TEXT NOT NULL REFERENCES apps(id),
+        email TEXT NOT NULL,
+        function TEXT,
+        rules TEXT NOT NULL,
+        created_by TEXT NOT NULL REFERENCES users(id),
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX grants_app_email ON grants(app_id, email);
+    CREATE TABLE app_env (
+        app_id TEXT NOT NULL REFERENCES apps(id),
+        name TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (app_id, name)
+    );
+    CREATE TABLE user_secrets (
+        user_id TEXT NOT NULL REFERENCES users(id),
+        app_id TEXT NOT NULL REFERENCES apps(id),
+        name TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (user_id, app_id, name)
+    );
+    CREATE TABLE byok_keys (
+        user_id TEXT NOT NULL REFERENCES users(id),
+        provider TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (user_id, provider)
+    );
+    """,
 ]
+
+APP_COLUMNS = "id, name, owner_id, visibility, live_version, limit_per_minute, limit_per_day"
+TOKEN_COLUMNS = ("t.id, t.prefix, t.hash, u.id, u.email, u.tier, t.name, t.expires_at,"
+                 " t.revoked_at, t.scopes, t.apps, t.functions, t.created_at, t.last_used_at")
 
 
 class RegistryError(GatewayError):
@@ -76,6 +129,7 @@ class Conflict(RegistryError):
 class User:
     id: str
     email: str
+    tier: str = "free"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +141,12 @@ class TokenRecord:
     name: str
     expires_at: float | None
     revoked_at: float | None
+    # ("*",) is every scope; None for apps or functions is no restriction.
+    scopes: tuple[str, ...] = ("*",)
+    apps: tuple[str, ...] | None = None
+    functions: tuple[str, ...] | None = None
+    created_at: float = 0.0
+    last_used_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +156,9 @@ class AppRecord:
     owner_id: str
     visibility: Visibility
     live_version: str | None
+    # Calls by others than the owner, per minute and per day; None is no limit.
+    limit_per_minute: int | None = None
+    limit_per_day: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +183,13 @@ class Registry:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
         self._conn: sqlite3.Connection | None = None
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a transaction on the registry's thread; modules with their own tables
+        (grants, secrets) go through here."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, fn)
+
+    _run = run
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -169,7 +236,8 @@ class Registry:
 
     async def ensure_user(self, email: str) -> User:
         def op(conn: sqlite3.Connection) -> User:
-            row = conn.execute("SELECT id, email FROM users WHERE email = ?", (email,)).fetchone()
+            row = conn.execute("SELECT id, email, tier FROM users WHERE email = ?",
+                               (email,)).fetchone()
             if row:
                 return User(*row)
             user = User(f"usr_{uuid.uuid4().hex[:16]}", email)
@@ -179,24 +247,86 @@ class Registry:
 
         return await self._run(op)
 
+    async def user_by_email(self, email: str) -> User | None:
+        def op(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute("SELECT id, email, tier FROM users WHERE email = ?",
+                               (email,)).fetchone()
+            return User(*row) if row else None
+
+        return await self._run(op)
+
+    async def ensure_subject_user(self, subject: str, email: str | None) -> User:
+        """The user behind an identity provider's subject, created (or linked by email) on
+        first sight."""
+        def op(conn: sqlite3.Connection) -> User:
+            row = conn.execute("SELECT id, email, tier FROM users WHERE auth_subject = ?",
+                               (subject,)).fetchone()
+            if row:
+                return User(*row)
+            address = email or f"{subject}@users.invalid"
+            row = conn.execute("SELECT id, email, tier, auth_subject FROM users WHERE email = ?",
+                               (address,)).fetchone()
+            if row and row[3] is None:
+                conn.execute("UPDATE users SET auth_subject = ? WHERE id = ?", (subject, row[0]))
+                return User(row[0], row[1], row[2])
+            if row:
+                raise Conflict(f"the email {address!r} belongs to another identity")
+            user = User(f"usr_{uuid.uuid4().hex[:16]}", address)
+            conn.execute("INSERT INTO users (id, email, created_at, auth_subject)"
+                         " VALUES (?, ?, ?, ?)", (user.id, user.email, time.time(), subject))
+            return user
+
+        return await self._run(op)
+
+    async def set_tier(self, email: str, tier: str) -> User:
+        def op(conn: sqlite3.Connection) -> User:
+            updated = conn.execute("UPDATE users SET tier = ? WHERE email = ?", (tier, email))
+            if updated.rowcount == 0:
+                raise NotFound(f"no user with the email {email!r}")
+            row = conn.execute("SELECT id, email, tier FROM users WHERE email = ?",
+                               (email,)).fetchone()
+            return User(*row)
+
+        return await self._run(op)
+
     async def add_token(self, user: User, prefix: str, digest: str, name: str,
-                        expires_at: float | None) -> str:
+                        expires_at: float | None, scopes: tuple[str, ...] = ("*",),
+                        apps: tuple[str, ...] | None = None,
+                        functions: tuple[str, ...] | None = None) -> str:
         token_id = f"tok_{uuid.uuid4().hex[:16]}"
         await self._run(lambda conn: conn.execute(
-            "INSERT INTO tokens (id, prefix, hash, user_id, name, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (token_id, prefix, digest, user.id, name, time.time(), expires_at)))
+            "INSERT INTO tokens (id, prefix, hash, user_id, name, created_at, expires_at,"
+            " scopes, apps, functions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (token_id, prefix, digest, user.id, name, time.time(), expires_at,
+             _json_list(scopes), _json_list(apps), _json_list(functions))))
         return token_id
 
     async def tokens_by_prefix(self, prefix: str) -> list[TokenRecord]:
         def op(conn: sqlite3.Connection) -> list[TokenRecord]:
-            rows = conn.execute(
-                "SELECT t.id, t.prefix, t.hash, u.id, u.email, t.name, t.expires_at, t.revoked_at"
-                " FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.prefix = ?", (prefix,))
-            return [TokenRecord(r[0], r[1], r[2], User(r[3], r[4]), r[5], r[6], r[7])
-                    for r in rows]
+            rows = conn.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens t JOIN users u"
+                                " ON u.id = t.user_id WHERE t.prefix = ?", (prefix,))
+            return [_token(r) for r in rows]
 
         return await self._run(op)
+
+    async def tokens_of(self, user_id: str) -> list[TokenRecord]:
+        def op(conn: sqlite3.Connection) -> list[TokenRecord]:
+            rows = conn.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens t JOIN users u"
+                                " ON u.id = t.user_id WHERE t.user_id = ? ORDER BY t.created_at",
+                                (user_id,))
+            return [_token(r) for r in rows]
+
+        return await self._run(op)
+
+    async def revoke_token(self, user_id: str, token_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            updated = conn.execute(
+                "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?"
+                " AND user_id = ?", (time.time(), token_id, user_id))
+            if updated.rowcount == 0:
+                raise NotFound(f"you have no token {token_id!r}")
+
+        await self._run(op)
 
     async def touch_token(self, token_id: str) -> None:
         await self._run(lambda conn: conn.execute(
@@ -207,9 +337,8 @@ class Registry:
     async def app(self, ref: str) -> AppRecord:
         """An app by id or by name."""
         def op(conn: sqlite3.Connection) -> AppRecord:
-            row = conn.execute(
-                "SELECT id, name, owner_id, visibility, live_version FROM apps"
-                " WHERE id = ? OR name = ?", (ref, ref)).fetchone()
+            row = conn.execute(f"SELECT {APP_COLUMNS} FROM apps WHERE id = ? OR name = ?",
+                               (ref, ref)).fetchone()
             if row is None:
                 raise NotFound(f"no app named {ref!r}")
             return AppRecord(*row)
@@ -218,9 +347,8 @@ class Registry:
 
     async def apps_of(self, owner_id: str) -> list[AppRecord]:
         def op(conn: sqlite3.Connection) -> list[AppRecord]:
-            rows = conn.execute(
-                "SELECT id, name, owner_id, visibility, live_version FROM apps"
-                " WHERE owner_id = ? ORDER BY name", (owner_id,))
+            rows = conn.execute(f"SELECT {APP_COLUMNS} FROM apps WHERE owner_id = ? ORDER BY name",
+                                (owner_id,))
             return [AppRecord(*r) for r in rows]
 
         return await self._run(op)
@@ -272,9 +400,8 @@ class Registry:
             if make_live:
                 conn.execute("UPDATE apps SET live_version = ? WHERE id = ?",
                              (record.version, app_id))
-            found = conn.execute(
-                "SELECT id, name, owner_id, visibility, live_version FROM apps WHERE id = ?",
-                (app_id,)).fetchone()
+            found = conn.execute(f"SELECT {APP_COLUMNS} FROM apps WHERE id = ?",
+                                 (app_id,)).fetchone()
             return AppRecord(*found)
 
         return await self._run(op)
@@ -286,12 +413,45 @@ class Registry:
             if exists is None:
                 raise NotFound(f"no version {version!r} of this app")
             conn.execute("UPDATE apps SET live_version = ? WHERE id = ?", (version, app_id))
-            row = conn.execute(
-                "SELECT id, name, owner_id, visibility, live_version FROM apps WHERE id = ?",
-                (app_id,)).fetchone()
+            row = conn.execute(f"SELECT {APP_COLUMNS} FROM apps WHERE id = ?",
+                               (app_id,)).fetchone()
             return AppRecord(*row)
 
         return await self._run(op)
+
+    async def set_visibility(self, app_id: str, visibility: Visibility) -> AppRecord:
+        return await self._update_app(app_id, "visibility = ?", (visibility,))
+
+    async def set_limits(self, app_id: str, per_minute: int | None,
+                         per_day: int | None) -> AppRecord:
+        return await self._update_app(app_id, "limit_per_minute = ?, limit_per_day = ?",
+                                      (per_minute, per_day))
+
+    async def _update_app(self, app_id: str, assignments: str,
+                          values: tuple[Any, ...]) -> AppRecord:
+        def op(conn: sqlite3.Connection) -> AppRecord:
+            conn.execute(f"UPDATE apps SET {assignments} WHERE id = ?", (*values, app_id))
+            row = conn.execute(f"SELECT {APP_COLUMNS} FROM apps WHERE id = ?",
+                               (app_id,)).fetchone()
+            if row is None:
+                raise NotFound("no such app")
+            return AppRecord(*row)
+
+        return await self._run(op)
+
+
+def _json_list(values: tuple[str, ...] | None) -> str | None:
+    return None if values is None else orjson.dumps(list(values)).decode()
+
+
+def _tuple(raw: str | None) -> tuple[str, ...] | None:
+    return None if raw is None else tuple(orjson.loads(raw))
+
+
+def _token(row: tuple[Any, ...]) -> TokenRecord:
+    return TokenRecord(row[0], row[1], row[2], User(row[3], row[4], row[5]), row[6], row[7],
+                       row[8], _tuple(row[9]) or (), _tuple(row[10]), _tuple(row[11]),
+                       row[12], row[13])
 
 
 def _version(row: tuple[Any, ...]) -> VersionRecord:

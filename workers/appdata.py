@@ -994,10 +994,7 @@ class PostgresAppData(AppData):
             conninfo = _pg_conninfo(self.url)
             # One plain connection first: an unreachable server fails here at once, where the
             # pool would retry until its timeout.
-            connect = psycopg.AsyncConnection.connect(
-                conninfo, autocommit=True, prepare_threshold=None
-            )
-            async with await connect as conn:
+            async with await psycopg.AsyncConnection.connect(conninfo, **options) as conn:
                 await _pg_migrate(conn, self.sql.MIGRATIONS)
             pool = AsyncConnectionPool(
                 conninfo,
@@ -1137,8 +1134,8 @@ def _scrub(text: str, url: str) -> str:
         password = urlsplit(url).password
     except ValueError:
         password = None
-    for secret in {password, unquote(password or "")} - {None, ""}:
-        text = text.replace(secret, "***")  # type: ignore[arg-type]
+    for secret in {password, unquote(password)} if password else ():
+        text = text.replace(secret, "***")
     return text
 
 

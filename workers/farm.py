@@ -26,7 +26,7 @@ from workers.blobs import BlobError, CodeCache, LocalBlobStore
 from workers.jobs import (
     REPLY_TTL_S,
     RUN_CALL,
-    WAKE_CHANNEL,
+    wake_channel,
     CallJob,
     CallReply,
     claim_key,
@@ -100,7 +100,8 @@ class Farm:
         jail = make_jail(settings.sandbox_isolation, settings.sandbox_python,
                          settings.sandbox_tmp_mb)
         self.slots = allocate_slots(
-            settings.worker_concurrency + settings.sandbox_warm + 1, settings.sandbox_uid_base,
+            settings.worker_concurrency + settings.replay_concurrency + settings.sandbox_warm + 1,
+            settings.sandbox_uid_base,
             self.limits.memory_mb * 1024 * 1024, self.limits.max_processes,
             use_uids=jail.level is Isolation.BWRAP)
         probe(jail, self.slots[0])
@@ -166,6 +167,13 @@ class Farm:
         self.running += 1
         try:
             reply = await self._run(job, remaining)
+        except asyncio.CancelledError:
+            # The worker is stopping past the drain time: the caller hears it now, not at its
+            # deadline.
+            stopped = CallReply("lost", error="the worker stopped before the call finished",
+                                worker_id=self.worker_id)
+            await asyncio.shield(self._reply(job, stopped))
+            raise
         finally:
             self.running -= 1
         await asyncio.shield(self._reply(job, reply))
@@ -176,18 +184,27 @@ class Farm:
     async def _run(self, job: CallJob, remaining: float) -> CallReply:
         started = time.perf_counter()
         assert self.pool is not None
+        from workers import sealing
+
         try:
+            opened = sealing.SealedPayload()
+            if job.sealed is not None:
+                user_id = str(job.user["id"]) if job.user else None
+                opened = sealing.open_sealed(sealing.farm_keyring(self.settings), job.sealed,
+                                             sealing.job_aad(job.call_id, job.app_id, user_id))
             source = await self.code.source(job.code_hash)
             sandbox = await self.pool.acquire()
-        except (BlobError, SandboxError) as exc:
+        except (BlobError, SandboxError, sealing.SealingError) as exc:
             return CallReply("platform_error", error=str(exc), worker_id=self.worker_id,
                              elapsed_ms=(time.perf_counter() - started) * 1000)
+        # The sandbox reads env vars and the caller's secrets; BYOK keys stay in this process.
         call = CallInput(source=source, function=job.function, args=job.args, user=job.user,
-                         env=job.env, filename=f"{job.app_name}.py")
+                         env={**job.env, **opened.sandbox_env()}, filename=f"{job.app_name}.py")
         scope = Scope(job.app_id, str(job.user["id"]) if job.user else "")
         try:
             http = self.outbound.for_call(request_id=job.call_id, app_id=job.app_id)
-            result = await sandbox.run(call, remaining, SdkHandler(self.data, scope, http))
+            with sealing.PROVIDER_KEYS.holding(job.call_id, opened.byok):
+                result = await sandbox.run(call, remaining, SdkHandler(self.data, scope, http))
         finally:
             await self.pool.retire(sandbox)
         return CallReply(str(result.outcome), value=result.value, error=result.error,
@@ -304,7 +321,7 @@ class WakingWorker(Worker):
         while True:
             pubsub = self.pool.pubsub()
             try:
-                await pubsub.subscribe(WAKE_CHANNEL)
+                await pubsub.subscribe(wake_channel(self.queue_name))
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._wake.set()
@@ -316,27 +333,20 @@ class WakingWorker(Worker):
                     await pubsub.aclose()
 
 
-def build_worker(settings: Settings, redis: ArqRedis) -> WakingWorker:
-    farm = Farm(settings, redis)
-
-    async def startup(ctx: dict[str, Any]) -> None:
-        await farm.start()
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        await farm.stop()
-
+def build_worker(settings: Settings, redis: ArqRedis, farm: Farm, queue_name: str,
+                 max_jobs: int) -> WakingWorker:
+    """An arq worker on one queue; the farm is started and stopped by the caller."""
     return WakingWorker(
         functions=[func(run_call, name=RUN_CALL, max_tries=1, keep_result=0,
                         timeout=settings.max_call_timeout_s + 5)],
         redis_pool=redis,
-        queue_name=settings.queue_name,
-        max_jobs=settings.worker_concurrency,
+        queue_name=queue_name,
+        max_jobs=max_jobs,
         poll_delay=settings.worker_poll_s,
         job_serializer=serialize_job,
         job_deserializer=deserialize_job,
         keep_result=0,
-        on_startup=startup,
-        on_shutdown=shutdown,
         ctx={"farm": farm},
-        handle_signals=True,
+        handle_signals=False,
+        job_completion_wait=int(settings.max_call_timeout_s) + 1,
     )

@@ -9,6 +9,11 @@ import orjson
 
 RUN_CALL = "run_call"
 WAKE_CHANNEL = "ultralight:wake"
+
+
+def wake_channel(queue_name: str) -> str:
+    """Where gateways announce new work on a queue, so idle workers look at once."""
+    return f"{WAKE_CHANNEL}:{queue_name}"
 REPLY_TTL_S = 120
 
 
@@ -41,6 +46,8 @@ class CallJob:
     deadline: float
     user: dict[str, Any] | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Env vars, the caller's secrets and BYOK keys, sealed with the farm key (workers.sealing).
+    sealed: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

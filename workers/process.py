@@ -13,13 +13,14 @@ import time
 from urllib.parse import urlsplit
 
 import structlog
+from arq import Worker
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.exceptions import RedisError
 
 from config import Settings
 from config.logging import configure_logging
 from workers import WorkerError
-from workers.farm import build_worker
+from workers.farm import Farm, build_worker
 from workers.jail import JailError
 from workers.jobs import deserialize_job, serialize_job
 
@@ -124,14 +125,36 @@ def _without_password(text: str, password: str | None) -> str:
 
 
 async def run_one(settings: Settings) -> None:
+    """One worker process: a live queue and a replay queue sharing one farm.
+
+    SIGTERM or SIGINT stops both from taking jobs, lets running calls finish up to their
+    deadline, then stops what is left.
+    """
     redis = await connect(settings)
-    worker = build_worker(settings, redis)
+    farm = Farm(settings, redis)
+    await farm.start()
+    workers = [
+        build_worker(settings, redis, farm, settings.queue_name, settings.worker_concurrency),
+        build_worker(settings, redis, farm, settings.replay_queue_name,
+                     settings.replay_concurrency),
+    ]
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _drain, workers, signum)
     try:
-        await worker.async_run()
-    except asyncio.CancelledError:
-        pass
+        await asyncio.gather(*(w.async_run() for w in workers), return_exceptions=True)
     finally:
-        await worker.close()
+        for worker in workers:
+            worker._pool = None  # the shared Redis pool is closed once, below
+        await farm.stop()
+        await redis.aclose()
+
+
+def _drain(workers: list[Worker], signum: int) -> None:
+    log.info("worker_draining", signal=signal.Signals(signum).name,
+             running=sum(len(w.tasks) for w in workers))
+    for worker in workers:
+        worker.handle_sig_wait_for_completion(signal.Signals(signum))
 
 
 def become_subreaper() -> None:
