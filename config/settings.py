@@ -72,6 +72,14 @@ class Settings:
     max_value_bytes: int = 1_048_576
     max_query_limit: int = 1000
 
+    # Operations: a worker process serves Prometheus metrics on this port (0: off); with
+    # --processes N the processes take consecutive ports. Calls are refused with 503 while more
+    # than max_queue_depth wait.
+    worker_metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    max_queue_depth: int = 1000
+    call_log_retention_days: float = 30.0
+
     # Logs: "console" for people, "json" for machines.
     log_format: str = "json"
     log_level: str = "INFO"

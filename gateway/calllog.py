@@ -210,6 +210,13 @@ class CallLogStore:
 
         return await self._run(fetch)
 
+    async def by_ids(self, app_id: str, request_ids: list[str]) -> list[CallRecord]:
+        marks = ", ".join("?" * len(request_ids))
+        sql = (f"SELECT {', '.join(FIELDS)} FROM call_log WHERE app_id = ? AND request_id IN "
+               f"({marks})")
+        return await self._run(
+            lambda conn: [CallRecord(*row) for row in conn.execute(sql, (app_id, *request_ids))])
+
     async def prune(self, before: float) -> int:
         return await self._run(
             lambda conn: conn.execute("DELETE FROM call_log WHERE at < ?", (before,)).rowcount)

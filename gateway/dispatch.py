@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 LIVENESS_CHECK_S = 1.0
 # The worker answers a little before the deadline; the gateway waits a little after it.
 DEADLINE_GRACE_S = 1.0
+DEPTH_CHECK_S = 0.05
 
 
 class DispatchError(GatewayError):
@@ -37,12 +38,28 @@ class DispatchError(GatewayError):
 
 
 class Dispatcher:
-    def __init__(self, redis: ArqRedis, queue_name: str) -> None:
+    def __init__(self, redis: ArqRedis, queue_name: str, max_queue_depth: int = 0) -> None:
         self.redis = redis
         self.queue_name = queue_name
+        self.max_queue_depth = max_queue_depth
+        self._depth = (0.0, 0)
+
+    async def _overloaded(self) -> bool:
+        """Whether too many calls already wait (checked at most every 50 ms per gateway)."""
+        if not self.max_queue_depth:
+            return False
+        checked, depth = self._depth
+        now = time.monotonic()
+        if now - checked > DEPTH_CHECK_S:
+            depth = await self.redis.zcard(self.queue_name)
+            self._depth = (now, depth)
+        return depth > self.max_queue_depth
 
     async def call(self, job: CallJob) -> CallReply:
         try:
+            if await self._overloaded():
+                raise DispatchError("overloaded", f"more than {self.max_queue_depth} calls are "
+                                    "waiting for a worker; try again shortly")
             await self.redis.enqueue_job(
                 RUN_CALL, job.to_wire(), _job_id=job.call_id, _queue_name=self.queue_name,
                 _expires=datetime.timedelta(seconds=max(1.0, job.deadline - time.time())),

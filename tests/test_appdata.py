@@ -10,6 +10,7 @@ import asyncio
 import math
 import re
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -815,17 +816,18 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
+def run_writer(url: str, name: str) -> int:
+    """Run WRITER as a separate process; its exit code."""
+    command = [sys.executable, "-c", WRITER, url, name]
+    return subprocess.run(command, cwd=Path(__file__).parents[1], timeout=60).returncode
+
+
 async def test_processes_share_one_database(make_store: MakeStore, database_url: UrlFor) -> None:
     """Worker processes opening (and migrating) one fresh database at once all write in full."""
     url = await database_url("farm.db")
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WRITER, url, f"p{number}", cwd=Path(__file__).parents[1]
-        )
-        for number in range(3)
-    ]
 
-    codes = [await child.wait() for child in children]
+    writers = (asyncio.to_thread(run_writer, url, f"p{number}") for number in range(3))
+    codes = await asyncio.gather(*writers)
     store = await make_store("farm.db")
 
     assert codes == [0, 0, 0]
@@ -837,6 +839,22 @@ async def test_concurrent_calls_all_land(store: AppData) -> None:
     await asyncio.gather(*(store.store(ALICE, f"k/{index:03}", index) for index in range(100)))
 
     assert len(await store.keys(ALICE, "k/")) == 100
+
+
+async def test_cancelled_batch_still_lands_whole(store: AppData) -> None:
+    """A caller cancelled mid-write does not cut the batch short: it lands, all of it."""
+    items = {f"c/{index:03}": {"n": index} for index in range(200)}
+    task = asyncio.create_task(store.store_many(ALICE, items))
+    await asyncio.sleep(0)
+
+    task.cancel()
+    for _ in range(500):  # The write goes on out of sight; look for up to 5 s.
+        if len(await store.keys(ALICE, "c/")) == len(items):
+            break
+        await asyncio.sleep(0.01)
+
+    assert task.cancelled()
+    assert await store.load_many(ALICE, list(items)) == items
 
 
 async def test_concurrent_opens_migrate_once(database_url: UrlFor) -> None:

@@ -378,6 +378,20 @@ class SqliteSql:
         where = self._scope_and_keys(scope, keys, params)
         return f"DELETE FROM app_data AS d WHERE {where}", params.values
 
+    def clone(self, source: Scope, target: Scope) -> Statement:
+        params = _Params()
+        sql = (
+            "INSERT OR IGNORE INTO app_data (app_id, user_id, key, value, updated_at)"
+            f" SELECT {params.add(target.app_id)}, {params.add(target.user_id)}, d.key, d.value,"
+            f" d.updated_at FROM app_data AS d WHERE d.app_id = {params.add(source.app_id)}"
+            f" AND d.user_id = {params.add(source.user_id)}"
+        )
+        return sql, params.values
+
+    def drop_app(self, app_id: str) -> Statement:
+        params = _Params()
+        return f"DELETE FROM app_data WHERE app_id = {params.add(app_id)}", params.values
+
     def keys(self, scope: Scope, prefix: str) -> Statement:
         params = _Params()
         where = self._scope_and_prefix(scope, prefix, params)
@@ -559,6 +573,22 @@ class PostgresSql:
         params = _TypedParams()
         where = f"{self._scope(scope, params)} AND d.key = ANY({params.add(keys, 'text[]')})"
         return f"DELETE FROM app_data AS d WHERE {where}", params.values
+
+    def clone(self, source: Scope, target: Scope) -> PgStatement:
+        params = _TypedParams()
+        sql = (
+            "INSERT INTO app_data (app_id, user_id, key, value, value_json, updated_at)"
+            f" SELECT {params.add(target.app_id, 'text')}, {params.add(target.user_id, 'text')},"
+            " d.key, d.value, d.value_json, d.updated_at FROM app_data AS d"
+            f" WHERE d.app_id = {params.add(source.app_id, 'text')}"
+            f" AND d.user_id = {params.add(source.user_id, 'text')}"
+            " ON CONFLICT (app_id, user_id, key) DO NOTHING"
+        )
+        return sql, params.values
+
+    def drop_app(self, app_id: str) -> PgStatement:
+        params = _TypedParams()
+        return f"DELETE FROM app_data WHERE app_id = {params.add(app_id, 'text')}", params.values
 
     def keys(self, scope: Scope, prefix: str) -> PgStatement:
         params = _TypedParams()
@@ -812,6 +842,15 @@ class AppData(ABC):
             return 0
         return await self._execute(self.sql.delete(scope, keys))
 
+    async def clone_scope(self, source: Scope, target: Scope) -> int:
+        """Copy every row of ``source`` into ``target``, keeping ``updated_at``; rows already
+        in ``target`` win. One statement. Used to give a replay its own view of live data."""
+        return await self._execute(self.sql.clone(source, target))
+
+    async def drop_app(self, app_id: str) -> int:
+        """Delete every row of one app id (a replay's shadow space); how many there were."""
+        return await self._execute(self.sql.drop_app(app_id))
+
     @abstractmethod
     async def _fetch(self, statement: tuple[str, Any]) -> list[tuple[Any, ...]]:
         """Every row a statement selects."""
@@ -892,8 +931,10 @@ class SqliteAppData(AppData):
         if executor is None or conn is None:
             raise StoreError("the app data store is not open")
         # A cancelled caller does not stop the job: a write already queued still commits whole.
+        # (Without the shield, cancelling would also drop a job still waiting for the thread.)
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, work, conn)
+            job = asyncio.get_running_loop().run_in_executor(executor, work, conn)
+            return await asyncio.shield(job)
         except sqlite3.Error as exc:
             raise StoreError(f"app data store failed: {exc}") from exc
 

@@ -10,6 +10,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -21,8 +22,8 @@ from redis.exceptions import RedisError
 
 from config import Settings
 from workers import WorkerError
-from workers.appdata import DataError, Scope, SqliteAppData
-from workers.blobs import BlobError, CodeCache, LocalBlobStore
+from workers.appdata import AppData, DataError, Scope, open_app_data
+from workers.blobs import BlobError, CodeCache, open_blob_store
 from workers.jobs import (
     REPLY_TTL_S,
     RUN_CALL,
@@ -36,8 +37,10 @@ from workers.jobs import (
     worker_key,
 )
 from workers.jail import Isolation, Slot, allocate_slots, make_jail, probe, release_slots
+from workers.metrics import WorkerMetrics
 from workers.outbound import CallHttp, Outbound, OutboundPolicy
 from workers.pool import SandboxPool
+from workers.shadow import ShadowScopes
 from workers.sandbox import CallInput, Limits, SandboxError
 
 log = structlog.get_logger(__name__)
@@ -71,26 +74,30 @@ class Farm:
         self.settings = settings
         self.redis = redis
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.data = SqliteAppData(
-            sqlite_path(settings.resolved_database_url),
-            max_value_bytes=settings.max_value_bytes,
-            max_query_limit=settings.max_query_limit,
-        )
-        self.code = CodeCache(LocalBlobStore(settings.resolved_blob_dir))
+        self.data = open_app_data(settings.resolved_database_url,
+                                  max_value_bytes=settings.max_value_bytes,
+                                  max_query_limit=settings.max_query_limit)
+        self.blobs = open_blob_store(settings)
+        self.code = CodeCache(self.blobs)
+        self.shadows = ShadowScopes(self.data, redis)
         self.limits = sandbox_limits(settings)
         self.outbound = Outbound(OutboundPolicy.from_settings(settings))
         self.pool: SandboxPool | None = None
         self.slots: list[Slot] = []
         self.running = 0
+        self.metrics = WorkerMetrics()
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.pool = await asyncio.to_thread(self._build_pool)
         await self.data.open()
+        await self.blobs.check()
         await self.outbound.open()
         self.pool.fill()
         await self._beat()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        if self.settings.worker_metrics_port:
+            self.metrics.serve(self.settings.metrics_host, self.settings.worker_metrics_port)
         log.info("worker_started", worker_id=self.worker_id, warm=self.settings.sandbox_warm,
                  concurrency=self.settings.worker_concurrency)
 
@@ -133,6 +140,8 @@ class Farm:
         log.info("worker_stopped", worker_id=self.worker_id)
 
     async def _beat(self) -> None:
+        self.metrics.running.set(self.running)
+        self.metrics.warm.set(self.pool.warm if self.pool else 0)
         info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "running": self.running,
                              "warm": self.pool.warm if self.pool else 0, "at": time.time()})
@@ -177,6 +186,8 @@ class Farm:
         finally:
             self.running -= 1
         await asyncio.shield(self._reply(job, reply))
+        self.metrics.calls.labels(reply.outcome).inc()
+        self.metrics.run_seconds.observe(reply.elapsed_ms / 1000)
         level = bound.info if reply.outcome in {"ok", "app_error"} else bound.warning
         level("call", outcome=reply.outcome, elapsed_ms=round(reply.elapsed_ms, 2),
               worker_id=self.worker_id)
@@ -201,10 +212,11 @@ class Farm:
         call = CallInput(source=source, function=job.function, args=job.args, user=job.user,
                          env={**job.env, **opened.sandbox_env()}, filename=f"{job.app_name}.py")
         scope = Scope(job.app_id, str(job.user["id"]) if job.user else "")
+        resolve = self.shadows.resolver(scope, job.shadow)
         try:
             http = self.outbound.for_call(request_id=job.call_id, app_id=job.app_id)
             with sealing.PROVIDER_KEYS.holding(job.call_id, opened.byok):
-                result = await sandbox.run(call, remaining, SdkHandler(self.data, scope, http))
+                result = await sandbox.run(call, remaining, SdkHandler(self.data, resolve, http))
         finally:
             await self.pool.retire(sandbox)
         return CallReply(str(result.outcome), value=result.value, error=result.error,
@@ -220,11 +232,16 @@ class Farm:
 
 
 class SdkHandler:
-    """Serves a sandbox's SDK requests: data in its (app, caller) scope, and outbound HTTP."""
+    """Serves a sandbox's SDK requests: data in its (app, caller) scope, and outbound HTTP.
 
-    def __init__(self, data: SqliteAppData, scope: Scope, http: CallHttp) -> None:
+    The scope is resolved on the first data request: a replayed call's shadow space is only
+    prepared when the call touches data.
+    """
+
+    def __init__(self, data: AppData, resolve: Callable[[], Awaitable[Scope]],
+                 http: CallHttp) -> None:
         self.data = data
-        self.scope = scope
+        self.resolve = resolve
         self.http = http
 
     async def __call__(self, op: str, payload: dict[str, Any]) -> Any:
@@ -237,30 +254,30 @@ class SdkHandler:
             raise DataError(f"{op}: {exc}") from None
 
     async def op_store(self, key: str, value: Any) -> None:
-        await self.data.store(self.scope, key, value)
+        await self.data.store(await self.resolve(), key, value)
 
     async def op_load(self, key: str) -> Any:
-        return await self.data.load(self.scope, key)
+        return await self.data.load(await self.resolve(), key)
 
     async def op_remove(self, key: str) -> bool:
-        return await self.data.remove(self.scope, key)
+        return await self.data.remove(await self.resolve(), key)
 
     async def op_keys(self, prefix: str = "") -> list[str]:
-        return await self.data.keys(self.scope, prefix)
+        return await self.data.keys(await self.resolve(), prefix)
 
     async def op_query(self, prefix: str = "", where: dict[str, Any] | None = None,
                        order_by: str | None = None, limit: int | None = None,
                        offset: int = 0) -> list[dict[str, Any]]:
-        return await self.data.query(self.scope, prefix, where, order_by, limit, offset)
+        return await self.data.query(await self.resolve(), prefix, where, order_by, limit, offset)
 
     async def op_store_many(self, items: dict[str, Any]) -> None:
-        await self.data.store_many(self.scope, items)
+        await self.data.store_many(await self.resolve(), items)
 
     async def op_load_many(self, keys: list[str]) -> dict[str, Any]:
-        return await self.data.load_many(self.scope, keys)
+        return await self.data.load_many(await self.resolve(), keys)
 
     async def op_remove_many(self, keys: list[str]) -> int:
-        return await self.data.remove_many(self.scope, keys)
+        return await self.data.remove_many(await self.resolve(), keys)
 
     async def op_http(self, method: str, url: str, headers: dict[str, str] | None = None,
                       body: str | None = None, timeout: float | None = None) -> dict[str, Any]:

@@ -48,6 +48,8 @@ class CallJob:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     # Env vars, the caller's secrets and BYOK keys, sealed with the farm key (workers.sealing).
     sealed: str | None = None
+    # Set on replays: writes go to this shadow space, reads fall through to live data.
+    shadow: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

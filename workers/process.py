@@ -170,8 +170,13 @@ def supervise(processes: int, grace_s: float) -> int:
     failures = 0
     stopping = False
 
+    base_port = int(os.environ.get("ULTRALIGHT_WORKER_METRICS_PORT", "0") or 0)
+
     def spawn(slot: int) -> None:
-        children[slot] = subprocess.Popen([sys.executable, "-m", "workers"])
+        env = dict(os.environ)
+        if base_port:
+            env["ULTRALIGHT_WORKER_METRICS_PORT"] = str(base_port + slot)
+        children[slot] = subprocess.Popen([sys.executable, "-m", "workers"], env=env)
         log.info("worker_process_started", slot=slot, pid=children[slot].pid)
 
     def on_signal(signum: int, _frame: object) -> None:

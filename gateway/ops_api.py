@@ -1,0 +1,153 @@
+"""HTTP endpoints for operating the farm: call logs, replays, status and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.calllog import CallLog, CallLogStore, CallRecord
+from gateway.ops import GatewayMetrics, farm_status
+from gateway.registry import NotFound
+from gateway.replay import Replays, ReplayError, Selection
+from gateway.rest import ApiFailure, json_body, ok, owned_app, owner, problem
+
+
+@dataclasses.dataclass
+class Ops:
+    calls: CallLog
+    store: CallLogStore
+    replays: Replays
+    metrics: GatewayMetrics
+
+
+OPS = web.AppKey("ops", Ops)
+
+
+def _number(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ApiFailure(problem(400, "bad_request", f"{name} must be a Unix time in "
+                                 "seconds")) from None
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    """GET /api/apps/{app}/calls?function=&since=&until=&outcome=&limit="""
+    gateway, user = await owner(request)
+    app = await owned_app(gateway, user, request.match_info["app"])
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return problem(400, "bad_request", "limit must be a whole number")
+    if not 1 <= limit <= 10_000:
+        return problem(400, "bad_request", "limit must be between 1 and 10000")
+    records = await request.app[OPS].store.query(
+        app.id, function=request.query.get("function"), since=_number(request, "since"),
+        until=_number(request, "until"), outcome=request.query.get("outcome"), limit=limit)
+    return ok({"app": app.name, "calls": [r.public() for r in records]})
+
+
+async def start_replay(request: web.Request) -> web.Response:
+    """POST /api/apps/{app}/replays {version, function?, since?, until?, limit?}"""
+    gateway, user = await owner(request)
+    app = await owned_app(gateway, user, request.match_info["app"])
+    body = await json_body(request)
+    wanted = body.get("version")
+    if not isinstance(wanted, str) or not wanted:
+        return problem(400, "bad_request", "'version' must name the version to replay against")
+    matches = [v for v in await gateway.registry.versions(app.id) if v.version.startswith(wanted)]
+    if len(matches) != 1:
+        return problem(404, "not_found", f"no single version of {app.name!r} starts with "
+                       f"{wanted!r}")
+    try:
+        selection = Selection(body.get("function"), body.get("since"), body.get("until"),
+                              int(body.get("limit", 1000)))
+        state, records = await request.app[OPS].replays.start(app, matches[0], selection)
+    except (ReplayError, ValueError, TypeError) as exc:
+        return problem(400, "bad_request", str(exc))
+    return ok({"replay_id": state.replay_id, "app": app.name, "version": state.version,
+               "calls": [_logged(r) for r in records]}, status=201)
+
+
+def _logged(record: CallRecord) -> dict[str, Any]:
+    return {"request_id": record.request_id, "function": record.function,
+            "args": orjson.loads(record.args), "user_id": record.user_id,
+            "outcome": record.outcome, "error": record.error,
+            "result": orjson.loads(record.result) if record.result else None,
+            "result_digest": record.result_digest, "duration_ms": record.duration_ms,
+            "version": record.version, "args_truncated": record.args_truncated}
+
+
+async def replay_call(request: web.Request) -> web.Response:
+    """POST /api/replays/{replay}/calls {request_id}: run one logged call, answer its result."""
+    gateway, user = await owner(request)
+    ops = request.app[OPS]
+    try:
+        state = await ops.replays.state(request.match_info["replay"])
+    except ReplayError as exc:
+        return problem(404, "not_found", str(exc))
+    if state.owner_id != user.id:
+        return problem(403, "forbidden", "this replay belongs to another user")
+    request_id = (await json_body(request)).get("request_id")
+    records = await ops.store.by_ids(state.app_id, [str(request_id)])
+    if not records:
+        return problem(404, "not_found", f"no logged call {request_id!r} of this app")
+    record = records[0]
+    caller = await _caller(gateway, record.user_id)
+    return ok(await ops.replays.run_one(state, record, caller))
+
+
+async def _caller(gateway: Any, user_id: str | None) -> dict[str, Any] | None:
+    if user_id is None:
+        return None
+    try:
+        found = await gateway.registry.user_by_id(user_id)
+    except (NotFound, AttributeError):
+        found = None
+    email = getattr(found, "email", None)
+    return {"id": user_id, "email": email, "tier": getattr(found, "tier", "free")}
+
+
+async def finish_replay(request: web.Request) -> web.Response:
+    """DELETE /api/replays/{replay}: drop the shadow data and forget the replay."""
+    _, user = await owner(request)
+    ops = request.app[OPS]
+    try:
+        state = await ops.replays.state(request.match_info["replay"])
+    except ReplayError as exc:
+        return problem(404, "not_found", str(exc))
+    if state.owner_id != user.id:
+        return problem(403, "forbidden", "this replay belongs to another user")
+    await ops.replays.finish(state)
+    return web.Response(status=204)
+
+
+async def status(request: web.Request) -> web.Response:
+    gateway, _ = await owner(request)
+    return ok(await farm_status(gateway.redis, gateway.settings))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from gateway.state import GATEWAY
+
+    gateway = request.app[GATEWAY]
+    body, content_type = await request.app[OPS].metrics.exposition(gateway.redis,
+                                                                   gateway.settings)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/api/apps/{app}/calls", list_calls),
+        web.post("/api/apps/{app}/replays", start_replay),
+        web.post("/api/replays/{replay}/calls", replay_call),
+        web.delete("/api/replays/{replay}", finish_replay),
+        web.get("/api/status", status),
+        web.get("/metrics", metrics),
+    ]
