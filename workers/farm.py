@@ -40,6 +40,7 @@ from workers.jail import Isolation, Slot, allocate_slots, make_jail, probe, rele
 from workers.metrics import WorkerMetrics
 from workers.outbound import CallHttp, Outbound, OutboundPolicy
 from workers.pool import SandboxPool
+from workers.datacache import MISSING, CacheView, DataCache, version_key
 from workers.shadow import ShadowScopes
 from workers.sandbox import CallInput, Limits, SandboxError
 
@@ -80,6 +81,7 @@ class Farm:
         self.blobs = open_blob_store(settings)
         self.code = CodeCache(self.blobs)
         self.shadows = ShadowScopes(self.data, redis)
+        self.cache = DataCache()
         self.limits = sandbox_limits(settings)
         self.outbound = Outbound(OutboundPolicy.from_settings(settings))
         self.pool: SandboxPool | None = None
@@ -103,6 +105,8 @@ class Farm:
 
     def _build_pool(self) -> SandboxPool:
         """Check the isolation works here and take this process's sandbox slots."""
+        from workers.zygote import SandboxMode, Zygotes, select_mode
+
         settings = self.settings
         jail = make_jail(settings.sandbox_isolation, settings.sandbox_python,
                          settings.sandbox_tmp_mb)
@@ -113,8 +117,9 @@ class Farm:
             use_uids=jail.level is Isolation.BWRAP)
         probe(jail, self.slots[0])
         first = self.slots[0]
-        log.info("sandbox_isolation", isolation=str(jail.level), python=jail.python,
-                 slot_uids=first.uid is not None,
+        mode = select_mode(settings.sandbox_mode, jail, first, settings.sandbox_zygote_timeout_s)
+        log.info("sandbox_isolation", isolation=str(jail.level), mode=str(mode),
+                 python=jail.python, slot_uids=first.uid is not None,
                  cgroup=f"v{first.cgroup.version}" if first.cgroup else "none",
                  slots=len(self.slots))
         if jail.level is Isolation.PROCESS:
@@ -123,7 +128,9 @@ class Farm:
         elif first.uid is None and first.cgroup is None:
             log.warning("shared_limits", detail="sandboxes share the worker's uid and no cgroup "
                         "is writable: process limits apply per user, not per call")
-        return SandboxPool(self.limits, settings.sandbox_warm, jail, self.slots)
+        zygotes = (Zygotes(jail, settings.sandbox_zygote_timeout_s)
+                   if mode is SandboxMode.ZYGOTE else None)
+        return SandboxPool(self.limits, settings.sandbox_warm, jail, self.slots, zygotes)
 
     async def stop(self) -> None:
         if self._heartbeat is not None:
@@ -143,7 +150,8 @@ class Farm:
         self.metrics.running.set(self.running)
         self.metrics.warm.set(self.pool.warm if self.pool else 0)
         info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "running": self.running,
+                             "running": self.running, "cache_hits": self.cache.hits,
+                             "cache_misses": self.cache.misses,
                              "warm": self.pool.warm if self.pool else 0, "at": time.time()})
         ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
         await self.redis.set(worker_key(self.worker_id), info, px=ttl_ms)
@@ -164,8 +172,12 @@ class Farm:
         if remaining <= 0:
             bound.info("call", outcome="abandoned", elapsed_ms=0.0)
             return
-        claimed = await self.redis.set(claim_key(job.call_id), self.worker_id, nx=True,
-                                       ex=int(remaining) + REPLY_TTL_S)
+        scope = Scope(job.app_id, str(job.user["id"]) if job.user else "")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(claim_key(job.call_id), self.worker_id, nx=True,
+                     ex=int(remaining) + REPLY_TTL_S)
+            pipe.get(version_key(scope))
+            claimed, seen = await pipe.execute()
         if not claimed:
             # Another worker took this call and died: running it again could repeat its writes.
             reply = CallReply("lost", error="the worker running this call stopped; the call was "
@@ -174,8 +186,11 @@ class Farm:
             bound.warning("call", outcome="lost", elapsed_ms=0.0)
             return
         self.running += 1
+        view = self.cache.view(scope, int(seen or 0)) if job.shadow is None else None
         try:
-            reply = await self._run(job, remaining)
+            reply = await self._run(job, remaining, view)
+            if view is not None and view.wrote:
+                await asyncio.shield(self._bump(scope, int(seen or 0)))
         except asyncio.CancelledError:
             # The worker is stopping past the drain time: the caller hears it now, not at its
             # deadline.
@@ -192,7 +207,12 @@ class Farm:
         level("call", outcome=reply.outcome, elapsed_ms=round(reply.elapsed_ms, 2),
               worker_id=self.worker_id)
 
-    async def _run(self, job: CallJob, remaining: float) -> CallReply:
+    async def _bump(self, scope: Scope, seen: int) -> None:
+        """Tell every worker this space changed, before the caller can call again."""
+        bumped = await self.redis.incr(version_key(scope))
+        self.cache.settle(scope, seen, int(bumped))
+
+    async def _run(self, job: CallJob, remaining: float, view: CacheView | None) -> CallReply:
         started = time.perf_counter()
         assert self.pool is not None
         from workers import sealing
@@ -216,7 +236,8 @@ class Farm:
         try:
             http = self.outbound.for_call(request_id=job.call_id, app_id=job.app_id)
             with sealing.PROVIDER_KEYS.holding(job.call_id, opened.byok):
-                result = await sandbox.run(call, remaining, SdkHandler(self.data, resolve, http))
+                handler = SdkHandler(self.data, resolve, http, view)
+                result = await sandbox.run(call, remaining, handler)
         finally:
             await self.pool.retire(sandbox)
         return CallReply(str(result.outcome), value=result.value, error=result.error,
@@ -239,10 +260,11 @@ class SdkHandler:
     """
 
     def __init__(self, data: AppData, resolve: Callable[[], Awaitable[Scope]],
-                 http: CallHttp) -> None:
+                 http: CallHttp, cache: CacheView | None = None) -> None:
         self.data = data
         self.resolve = resolve
         self.http = http
+        self.cache = cache
 
     async def __call__(self, op: str, payload: dict[str, Any]) -> Any:
         method = getattr(self, f"op_{op}", None)
@@ -255,12 +277,24 @@ class SdkHandler:
 
     async def op_store(self, key: str, value: Any) -> None:
         await self.data.store(await self.resolve(), key, value)
+        if self.cache is not None:
+            self.cache.written({key: value})
 
     async def op_load(self, key: str) -> Any:
-        return await self.data.load(await self.resolve(), key)
+        if self.cache is not None and isinstance(key, str):
+            cached = self.cache.get(key)
+            if cached is not MISSING:
+                return cached
+        value = await self.data.load(await self.resolve(), key)
+        if self.cache is not None:
+            self.cache.put(key, value)
+        return value
 
     async def op_remove(self, key: str) -> bool:
-        return await self.data.remove(await self.resolve(), key)
+        existed = await self.data.remove(await self.resolve(), key)
+        if self.cache is not None:
+            self.cache.removed([key])
+        return existed
 
     async def op_keys(self, prefix: str = "") -> list[str]:
         return await self.data.keys(await self.resolve(), prefix)
@@ -272,12 +306,32 @@ class SdkHandler:
 
     async def op_store_many(self, items: dict[str, Any]) -> None:
         await self.data.store_many(await self.resolve(), items)
+        if self.cache is not None:
+            self.cache.written(items)
 
     async def op_load_many(self, keys: list[str]) -> dict[str, Any]:
-        return await self.data.load_many(await self.resolve(), keys)
+        if self.cache is None or not isinstance(keys, list):
+            return await self.data.load_many(await self.resolve(), keys)
+        found: dict[str, Any] = {}
+        wanted = []
+        for key in keys:
+            cached = self.cache.get(key) if isinstance(key, str) else MISSING
+            if cached is MISSING:
+                wanted.append(key)
+            elif cached is not None:
+                found[key] = cached
+        if wanted:
+            loaded = await self.data.load_many(await self.resolve(), wanted)
+            for key in wanted:
+                self.cache.put(key, loaded.get(key))
+            found.update(loaded)
+        return {key: found[key] for key in keys if key in found}
 
     async def op_remove_many(self, keys: list[str]) -> int:
-        return await self.data.remove_many(await self.resolve(), keys)
+        removed = await self.data.remove_many(await self.resolve(), keys)
+        if self.cache is not None:
+            self.cache.removed(list(keys))
+        return removed
 
     async def op_http(self, method: str, url: str, headers: dict[str, str] | None = None,
                       body: str | None = None, timeout: float | None = None) -> dict[str, Any]:
