@@ -13,7 +13,11 @@ import types as _types
 from typing import Any
 
 __all__ = [
+    "AiError",
+    "CallError",
     "HttpError",
+    "ai",
+    "call",
     "PlatformError",
     "SdkError",
     "env",
@@ -47,6 +51,14 @@ class SdkError(ValueError):
 
 class HttpError(SdkError):
     """An outbound request was refused by the platform's policy or failed."""
+
+
+class AiError(SdkError):
+    """A chat completion could not be made (no key for the provider, or the provider refused)."""
+
+
+class CallError(Exception):
+    """A tool called with ``call`` failed, was refused, or the call chain went too deep."""
 
 
 def _call(op: str, **payload: Any) -> Any:
@@ -203,3 +215,23 @@ class _Http:
 
 
 http = _Http()
+
+
+def ai(
+    messages: list[dict[str, str]],
+    model: str | None = None,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+) -> dict[str, Any]:
+    """A chat completion with the calling user's own provider key (which the app never sees).
+
+    Returns ``{"content", "model", "provider", "usage", "cost_usd"}``.
+    """
+    return dict(_call("ai", messages=list(messages), model=model, max_tokens=max_tokens,
+                      temperature=temperature))
+
+
+def call(app: str, function: str, **args: Any) -> Any:
+    """Call another app's tool as the same caller; returns its result or raises its error."""
+    return _call("call", app=app, function=function, args=args)
