@@ -57,6 +57,9 @@ class Settings:
     sandbox_tmp_mb: int = 16
     # Each concurrent sandbox runs as its own uid from this base when the worker is root.
     sandbox_uid_base: int = 640_000
+    # Where workers reach a gateway for app-to-app calls (ul.call), and how deep chains may go.
+    gateway_url: str = "http://127.0.0.1:8080"
+    max_call_depth: int = 5
     # Sandboxes each worker process keeps started ahead of their calls.
     sandbox_warm: int = 2
     sandbox_python: str = ""
@@ -142,6 +145,30 @@ class Settings:
     # once in data_dir (mode 0600), fine when every process shares that folder.
     secret_keys: str = dataclasses.field(default="", repr=False)
     farm_key: str = dataclasses.field(default="", repr=False)
+
+    # Zygote sandboxes.
+    # "zygote": each slot keeps a warm, isolated fork server and every call is forked from it into
+    # namespaces of its own (falls back to "fresh", with a warning, where the host lacks nested
+    # user namespaces, per-slot uids or cgroups); "fresh": bubblewrap starts a new interpreter
+    # for every call.
+    sandbox_mode: str = "zygote"
+    # How long a slot's zygote may take to answer a fork before it is replaced.
+    sandbox_zygote_timeout_s: float = 3.0
+
+    # AI providers for ul.ai (the caller's own keys; endpoints are the operator's).
+    ai_default_model: str = "gpt-4o-mini"
+    ai_default_provider: str = "openai"
+    ai_openai_url: str = "https://api.openai.com/v1"
+    ai_anthropic_url: str = "https://api.anthropic.com/v1"
+    ai_openrouter_url: str = "https://openrouter.ai/api/v1"
+    ai_deepseek_url: str = "https://api.deepseek.com/v1"
+    ai_moonshot_url: str = "https://api.moonshot.ai/v1"
+    ai_timeout_s: float = 60.0
+    # JSON: model prefix -> [USD per million input tokens, per million output tokens].
+    ai_prices: str = (
+        '{"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10], "claude-3-5-haiku": [0.8, 4],'
+        ' "claude-sonnet-4": [3, 15], "deepseek-chat": [0.27, 1.1]}'
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -6,18 +6,25 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from config import Settings
 from gateway import GatewayError, mcp, rest
-from gateway.auth import TokenVerifier
+from gateway.auth import Authenticator, TokenVerifier
+from gateway.caches import Invalidations
 from gateway.dispatch import Dispatcher
+from gateway.gates import Gates
+from gateway.grants import GrantStore
 from gateway.registry import Registry
+from gateway.secrets import SecretError, SecretKeys, Secrets
 from gateway.sessions import Sessions
 from gateway.state import GATEWAY, Catalog, Gateway
+from gateway.supabase import JwtConfig, JwtVerifier
 from workers.blobs import LocalBlobStore
 from workers.farm import sqlite_path
 from workers.process import connect
+from workers.sealing import SealingError, farm_keyring
 
 log = structlog.get_logger(__name__)
 
@@ -75,23 +82,49 @@ def _lifecycle(settings: Settings) -> Any:
         registry = Registry(sqlite_path(settings.resolved_database_url))
         await registry.open()
         redis = await connect(settings)
-        app[GATEWAY] = Gateway(
-            settings=settings,
-            registry=registry,
-            redis=redis,
-            sessions=Sessions(redis, settings.session_ttl_s),
-            dispatcher=Dispatcher(redis, settings.queue_name),
-            verifier=TokenVerifier(registry, settings.cache_ttl_s),
-            catalog=Catalog(registry, settings.cache_ttl_s),
-            blobs=LocalBlobStore(settings.resolved_blob_dir),
-        )
-        log.info("gateway_started", host=settings.host, port=settings.port)
+        gateway = app[GATEWAY] = await _assemble(settings, registry, redis)
+        await gateway.bus.start()
+        if gateway.auth.jwts is not None:
+            await gateway.auth.jwts.start()
+        log.info("gateway_started", host=settings.host, port=settings.port,
+                 jwt=gateway.auth.jwts is not None)
         yield
+        await gateway.bus.stop()
         await redis.aclose()
         await registry.close()
         log.info("gateway_stopped")
 
     return lifecycle
+
+
+async def _assemble(settings: Settings, registry: Registry, redis: ArqRedis) -> Gateway:
+    """Build the gateway's parts; keys that cannot be loaded stop the start-up here."""
+    try:
+        farm_keys = farm_keyring(settings)
+        secret_keys = SecretKeys(settings)
+    except (SealingError, SecretError) as exc:
+        raise GatewayError(f"cannot load the encryption keys: {exc}") from exc
+    bus = Invalidations(redis)
+    verifier = TokenVerifier(registry, settings.access_cache_ttl_s, bus)
+    jwt_config = JwtConfig.from_settings(settings)
+    jwts = JwtVerifier(jwt_config) if jwt_config.enabled else None
+    grants = GrantStore(registry)
+    return Gateway(
+        settings=settings,
+        registry=registry,
+        redis=redis,
+        sessions=Sessions(redis, settings.session_ttl_s),
+        dispatcher=Dispatcher(redis, settings.queue_name),
+        verifier=verifier,
+        catalog=Catalog(registry, settings.cache_ttl_s, bus),
+        blobs=LocalBlobStore(settings.resolved_blob_dir),
+        auth=Authenticator(registry, verifier, jwts, settings.access_cache_ttl_s, bus),
+        bus=bus,
+        gates=Gates(settings, redis, grants, bus),
+        grants=grants,
+        secrets=Secrets(registry, secret_keys, bus, settings.access_cache_ttl_s),
+        farm_keys=farm_keys,
+    )
 
 
 def serve(settings: Settings) -> None:

@@ -15,7 +15,7 @@ import orjson
 
 from config import Settings, SettingsError
 from config.logging import configure_logging
-from gateway import GatewayError
+from gateway import GatewayError, cli_access
 from gateway.client import ClientError, GatewayClient
 
 
@@ -89,7 +89,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         await registry.open()
         try:
             ttl = args.expires_days * 86400 if args.expires_days else None
-            return await issue_token(registry, args.email, args.name, ttl)
+            return await issue_token(registry, args.email, args.name, ttl, args.scope or ["*"],
+                                     args.app, args.function)
         finally:
             await registry.close()
 
@@ -220,8 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--email", default="owner@localhost")
     create.add_argument("--name", default="cli")
     create.add_argument("--expires-days", type=float)
+    create.add_argument("--scope", action="append", help="mcp, apps, grants, env, secrets, "
+                        "tokens or * (repeatable; default *)")
+    create.add_argument("--app", action="append", help="only this app (repeatable)")
+    create.add_argument("--function", action="append", help="only this tool (repeatable)")
     create.add_argument("--json", action="store_true")
     add_store_flags(create)
+    listing = token_commands.add_parser("list", help="list your tokens (never their values)")
+    listing.set_defaults(handler=remote(cli_access.cmd_token_list))
+    listing.add_argument("--json", action="store_true")
+    add_client_flags(listing)
+    revoke = token_commands.add_parser("revoke", help="revoke one of your tokens")
+    revoke.set_defaults(handler=remote(cli_access.cmd_token_revoke))
+    revoke.add_argument("token_id")
+    add_client_flags(revoke)
 
     deploy = command("deploy", cmd_deploy, "deploy a Python module as an app")
     deploy.add_argument("file")
@@ -250,7 +263,92 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("function")
     call.add_argument("--args", default="{}", help="arguments as a JSON object")
     add_client_flags(call)
+    add_access_commands(command)
     return parser
+
+
+def remote(handler: Callable[[argparse.Namespace, GatewayClient], int]
+           ) -> Callable[[argparse.Namespace], int]:
+    """A command that talks to the gateway with the caller's token."""
+    return lambda args: handler(args, client_from(args))
+
+
+def add_access_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    grant = command("grant", remote(cli_access.cmd_grant), "let someone call one of your apps")
+    grant.add_argument("app")
+    grant.add_argument("email", help="their email (the grant applies once they have an account)")
+    grant.add_argument("--function", help="only this tool")
+    grant.add_argument("--ip", action="append", default=[], help="allowed address or CIDR "
+                       "range (repeatable)")
+    grant.add_argument("--hours", help="allowed hours, e.g. 09-17 or 22-06 (wraps midnight)")
+    grant.add_argument("--days", help="allowed days, e.g. mon-fri or sat,sun")
+    grant.add_argument("--tz", help="time zone of --hours and --days (default UTC)")
+    grant.add_argument("--budget", help="calls per period, e.g. 100/day (minute, hour, day, "
+                       "week, month)")
+    grant.add_argument("--expires", help="a date (2030-01-31), a time or a span (30d, 12h)")
+    grant.add_argument("--allow-arg", action="append", default=[], metavar="NAME=V1,V2",
+                       help="allowed values of an argument (repeatable)")
+    grant.add_argument("--json", action="store_true")
+    add_client_flags(grant)
+
+    grants = command("grants", remote(cli_access.cmd_grants), "list an app's grants")
+    grants.add_argument("app")
+    grants.add_argument("--all", action="store_true", help="include revoked grants")
+    grants.add_argument("--json", action="store_true")
+    add_client_flags(grants)
+
+    revoke = command("revoke-grant", remote(cli_access.cmd_revoke_grant), "revoke a grant")
+    revoke.add_argument("app")
+    revoke.add_argument("grant_id")
+    add_client_flags(revoke)
+
+    limits = command("limits", remote(cli_access.cmd_limits),
+                     "show or set an app's limits on callers other than its owner")
+    limits.add_argument("app")
+    limits.add_argument("--per-minute", type=int, help="calls a minute (0: no limit)")
+    limits.add_argument("--per-day", type=int, help="calls a day (0: no limit)")
+    add_client_flags(limits)
+
+    visibility = command("visibility", remote(cli_access.cmd_visibility),
+                         "make an app private, unlisted or public")
+    visibility.add_argument("app")
+    visibility.add_argument("visibility", choices=("private", "unlisted", "public"))
+    add_client_flags(visibility)
+
+    env = command("env", remote(cli_access.cmd_env), "an app's env vars (values never shown)")
+    env.add_argument("action", choices=("set", "unset", "list"))
+    env.add_argument("app")
+    env.add_argument("name", nargs="?")
+    env.add_argument("value", nargs="?", help="the value (default: stdin, or a prompt)")
+    add_client_flags(env)
+
+    secret = command("secret", remote(cli_access.cmd_secret),
+                     "your own secrets for an app (values never shown)")
+    secret.add_argument("action", choices=("set", "unset", "list"))
+    secret.add_argument("app")
+    secret.add_argument("name", nargs="?")
+    secret.add_argument("value", nargs="?", help="the value (default: stdin, or a prompt)")
+    add_client_flags(secret)
+
+    byok = command("byok", remote(cli_access.cmd_byok),
+                   "your own AI provider keys (values never shown)")
+    byok.add_argument("action", choices=("set", "unset", "list"))
+    byok.add_argument("provider", nargs="?", help="e.g. openai, anthropic")
+    byok.add_argument("key", nargs="?", help="the key (default: stdin, or a prompt)")
+    add_client_flags(byok)
+
+    keys = command("keys", lambda a: 2, "manage the keys that encrypt secrets at rest")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    rotate = key_commands.add_parser("rotate", help="re-encrypt every secret under the current "
+                                     "key (a new local key when none is configured)")
+    rotate.set_defaults(handler=lambda a: cli_access.cmd_keys_rotate(settings_from(a)))
+    add_store_flags(rotate)
+
+    tier = command("tier", lambda a: cli_access.cmd_tier(settings_from(a), a.email, a.tier),
+                   "put a user on a tier (its weekly quota); writes to the database")
+    tier.add_argument("email")
+    tier.add_argument("tier")
+    add_store_flags(tier)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,11 +21,13 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import GatewayError
-from gateway.auth import AuthError
+from gateway.auth import AuthError, Principal
+from gateway.calls import MissingSecrets, seal_call
 from gateway.dispatch import DispatchError
+from gateway.gates import Admission, Caller, GateRefusal
 from gateway.registry import AppRecord, NotFound, User, VersionRecord
 from gateway.sessions import Session
-from gateway.state import GATEWAY, Gateway, may_call
+from gateway.state import GATEWAY, Gateway
 from gateway.tools import ArgumentError, error_result, prepare_arguments, tool_result
 from workers.jobs import CallJob, CallReply
 
@@ -45,6 +47,8 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 HEADER_MISMATCH = -32020
 UNSUPPORTED_VERSION = -32022
+# Implementation-defined: a rate limit, quota, app limit or grant budget is used up (HTTP 429).
+LIMITED = -32029
 
 
 class RpcFailure(GatewayError):
@@ -82,11 +86,22 @@ class Context:
     request: web.Request
     app: AppRecord
     version: VersionRecord
-    user: User | None
+    caller: Caller
     protocol: str
     modern: bool
+    started: float = 0.0
     session: Session | None = None
     new_session: Session | None = None
+    # Milliseconds spent per step before the call reached the farm, for Server-Timing.
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def principal(self) -> Principal | None:
+        return self.caller.principal
+
+    @property
+    def user(self) -> User | None:
+        return self.caller.principal.user if self.caller.principal else None
 
 
 # Entry points.
@@ -94,12 +109,13 @@ class Context:
 async def post(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     started = time.perf_counter()
+    context: Context | None = None
     try:
         check_origin(request, gateway)
         check_media_types(request)
         message = parse(await read_body(request, gateway.settings.max_body_bytes))
         protocol, modern = protocol_of(request, message)
-        context = await open_context(request, gateway, message, protocol, modern)
+        context = await open_context(request, gateway, message, protocol, modern, started)
         response = await respond(context, message)
     except RpcFailure as failure:
         response = failure.response()
@@ -109,6 +125,9 @@ async def post(request: web.Request) -> web.Response:
                                             "unavailable; try again shortly"),
                                  status=503, headers={"Retry-After": "1"})
     response.headers["X-Elapsed-Ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
+    if context is not None and context.timing:
+        response.headers["Server-Timing"] = ", ".join(
+            f"{step};dur={ms:.3f}" for step, ms in context.timing.items())
     return response
 
 
@@ -214,33 +233,34 @@ async def find_app(gateway: Gateway, ref: str, message_id: Any = None) -> AppRec
 
 
 async def open_context(request: web.Request, gateway: Gateway, message: Any, protocol: str,
-                       modern: bool) -> Context:
-    """Authenticate and look up the app together, then check access and the session."""
+                       modern: bool, started: float) -> Context:
+    """Authenticate and look up the app together, then the version and the session.
+
+    Who may do what (grants, limits) is decided per request by the gates (``admit``)."""
     message_id = _valid_id(message)
-    caller = asyncio.ensure_future(gateway.caller(request))
+    authenticating = asyncio.ensure_future(gateway.principal(request))
     try:
         app = await find_app(gateway, request.match_info["app"], message_id)
-        user = await caller
+        principal = await authenticating
     except AuthError as exc:
         raise unauthorized(exc.reason, str(exc), message_id) from None
     finally:
-        if not caller.done():
-            caller.cancel()
-        elif not caller.cancelled():
+        if not authenticating.done():
+            authenticating.cancel()
+        elif not authenticating.cancelled():
             # An unknown app wins over bad credentials; fetch the loser's error so asyncio
             # does not log it as never retrieved.
-            caller.exception()
-    if not may_call(app, user):
-        if user is None:
-            raise unauthorized("missing", f"the app {app.name!r} is private: send "
-                               "'Authorization: Bearer <token>'", message_id)
-        raise RpcFailure(INVALID_REQUEST, f"you may not call the app {app.name!r}", 403,
-                         id=message_id, data={"reason": "forbidden"})
+            authenticating.exception()
+    if principal is None and app.visibility == "private":
+        raise unauthorized("missing", f"the app {app.name!r} is private: send "
+                           "'Authorization: Bearer <token>'", message_id)
     if app.live_version is None:
         raise RpcFailure(INVALID_REQUEST, f"the app {app.name!r} has no live version; promote "
                          "one with 'ultralight promote'", 404, id=message_id)
     version = await gateway.catalog.version(app, app.live_version)
-    context = Context(gateway, request, app, version, user, protocol, modern)
+    context = Context(gateway, request, app, version, gateway.gates.caller(request, principal),
+                      protocol, modern, started)
+    context.timing["auth"] = (time.perf_counter() - started) * 1000
     if not modern and not is_initialize(message):
         context.session = await require_session(context, message_id)
     return context
@@ -252,6 +272,33 @@ async def caller_id(gateway: Gateway, request: web.Request) -> str | None:
     except AuthError as exc:
         raise unauthorized(exc.reason, str(exc), None) from None
     return user.id if user else None
+
+
+async def admit(context: Context, method: str, tool: dict[str, Any] | None = None,
+                arguments: dict[str, Any] | None = None) -> Admission:
+    """Run the gates for one request; a refusal becomes its HTTP status and JSON-RPC error."""
+    started = time.perf_counter()
+    try:
+        admission = await context.gateway.gates.admit(context.app, context.caller, method, tool,
+                                                      arguments)
+    except GateRefusal as refusal:
+        raise refused(refusal, context.app) from None
+    finally:
+        context.timing["gates"] = (time.perf_counter() - started) * 1000
+    return admission
+
+
+def refused(refusal: GateRefusal, app: AppRecord) -> RpcFailure:
+    if refusal.status == 401:
+        return unauthorized(refusal.reason, str(refusal), None)
+    headers = {}
+    if refusal.retry_after_s is not None:
+        headers["Retry-After"] = str(refusal.retry_after_s)
+    code = {429: LIMITED, 503: INTERNAL_ERROR}.get(refusal.status, INVALID_REQUEST)
+    # A caller hammering a limit must not flood the log: limits at DEBUG, refusals at INFO.
+    level = log.debug if refusal.status == 429 else log.info
+    level("refused", app_id=app.id, status=refusal.status, reason=refusal.reason)
+    return RpcFailure(code, str(refusal), refusal.status, data=refusal.data, headers=headers)
 
 
 def unauthorized(reason: str, message: str, message_id: Any) -> RpcFailure:
@@ -419,6 +466,7 @@ def server_info(context: Context) -> dict[str, Any]:
 
 
 async def initialize(context: Context, params: dict[str, Any]) -> dict[str, Any]:
+    await admit(context, "initialize")
     requested = params.get("protocolVersion")
     chosen = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[0]
     user_id = context.user.id if context.user else None
@@ -440,6 +488,7 @@ async def ping(context: Context, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def discover(context: Context, params: dict[str, Any]) -> dict[str, Any]:
+    await admit(context, "server/discover")
     result: dict[str, Any] = {
         "supportedVersions": list(SUPPORTED),
         "capabilities": {"tools": {"listChanged": False}},
@@ -471,35 +520,61 @@ def public_tool(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_tools(context: Context, params: dict[str, Any]) -> dict[str, Any]:
-    tools = [public_tool(t) for t in context.version.tools]
+    allowed = (await admit(context, "tools/list")).permit.functions
+    tools = [public_tool(t) for t in context.version.tools
+             if allowed is None or t["name"] in allowed]
     return modern_result(context, {"tools": tools}, cacheable=True)
 
 
 async def call_tool(context: Context, params: dict[str, Any]) -> dict[str, Any]:
+    """Gates first (so a caller who may not call learns nothing of the tools), then the
+    arguments, then the sealed secrets, then the farm."""
     name = params.get("name")
     if not isinstance(name, str):
         raise RpcFailure(INVALID_PARAMS, "tools/call needs a string 'name'", 200)
+    raw = params.get("arguments")
     tool = context.version.tool(name)
+    admission = await admit(context, "tools/call", tool or {"name": name},
+                            raw if isinstance(raw, dict) else {})
+    refund = context.gateway.gates.refund
     if tool is None:
-        raise RpcFailure(INVALID_PARAMS, f"Unknown tool: {name}", 200,
-                         data={"tools": [t["name"] for t in context.version.tools]})
+        await refund(admission.counted)
+        allowed = admission.permit.functions
+        raise RpcFailure(INVALID_PARAMS, f"Unknown tool: {name}", 200, data={"tools": [
+            t["name"] for t in context.version.tools if allowed is None or t["name"] in allowed]})
     try:
-        arguments = prepare_arguments(tool, params.get("arguments"))
+        arguments = prepare_arguments(tool, raw)
     except ArgumentError as exc:
+        await refund(admission.counted)
         message = f"invalid arguments for {name}: {exc}"
         if context.protocol in ("2025-03-26", "2025-06-18"):
             raise RpcFailure(INVALID_PARAMS, message, 200) from None
         return modern_result(context, error_result(message))
-    reply = await dispatch(context, name, arguments)
+    return await run_tool(context, tool, arguments, admission)
+
+
+async def run_tool(context: Context, tool: dict[str, Any], arguments: dict[str, Any],
+                   admission: Admission) -> dict[str, Any]:
+    started = time.perf_counter()
+    call_id = uuid.uuid4().hex
+    try:
+        sealed = await seal_call(context.gateway, context.app, context.version, context.user,
+                                 call_id)
+    except MissingSecrets as exc:
+        await context.gateway.gates.refund(admission.counted)
+        return modern_result(context, error_result(str(exc)))
+    context.timing["seal"] = (time.perf_counter() - started) * 1000
+    reply = await dispatch(context, tool["name"], arguments, call_id, sealed)
     is_owner = context.user is not None and context.user.id == context.app.owner_id
     return modern_result(context, tool_result(tool, reply, with_logs=is_owner))
 
 
-async def dispatch(context: Context, function: str, arguments: dict[str, Any]) -> CallReply:
+async def dispatch(context: Context, function: str, arguments: dict[str, Any], call_id: str,
+                   sealed: str | None) -> CallReply:
     gateway = context.gateway
     user = context.user
     job = CallJob(
-        call_id=uuid.uuid4().hex,
+        call_id=call_id,
         app_id=context.app.id,
         app_name=context.app.name,
         version=context.version.version,
@@ -507,13 +582,15 @@ async def dispatch(context: Context, function: str, arguments: dict[str, Any]) -
         function=function,
         args=arguments,
         deadline=time.time() + gateway.settings.call_timeout_s,
-        user={"id": user.id, "email": user.email, "tier": "free"} if user else None,
+        user={"id": user.id, "email": user.email, "tier": user.tier} if user else None,
+        sealed=sealed,
     )
     started = time.perf_counter()
+    context.timing["pre"] = (started - context.started) * 1000
     try:
         reply = await gateway.dispatcher.call(job)
     except DispatchError as exc:
-        if exc.outcome == "unavailable":
+        if exc.outcome in ("unavailable", "overloaded"):
             raise RpcFailure(INTERNAL_ERROR, str(exc), 503,
                              headers={"Retry-After": "1"}) from None
         reply = CallReply(exc.outcome, error=str(exc))

@@ -3,37 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from aiohttp import web
 from arq.connections import ArqRedis
 
 from config import Settings
-from gateway.auth import AuthError, TokenVerifier
+from gateway.auth import Authenticator, AuthError, Principal, TokenVerifier
+from gateway.caches import Invalidation, Invalidations, TtlCache
 from gateway.dispatch import Dispatcher
+from gateway.gates import Gates
+from gateway.grants import GrantStore
 from gateway.registry import AppRecord, Registry, User, VersionRecord
+from gateway.secrets import Secrets
 from gateway.sessions import Sessions
 from workers.blobs import LocalBlobStore
+from workers.sealing import Keyring
 
 
 class Catalog:
-    """Apps and their live versions, cached briefly; versions are immutable so kept longer."""
+    """Apps and their live versions, cached briefly and dropped at once on an ``app``
+    invalidation; versions are immutable so kept longer."""
 
-    def __init__(self, registry: Registry, ttl_s: float) -> None:
+    def __init__(self, registry: Registry, ttl_s: float, bus: Invalidations | None = None
+                 ) -> None:
         self.registry = registry
-        self.ttl_s = ttl_s
-        self._apps: dict[str, tuple[float, AppRecord]] = {}
+        self.bus = bus
+        self._apps: TtlCache[str, AppRecord] = TtlCache(ttl_s, bus)
         self._versions: dict[tuple[str, str], VersionRecord] = {}
+        if bus is not None:
+            bus.listen(self._invalidate)
+
+    def _invalidate(self, event: Invalidation | None) -> None:
+        if event is None:
+            self._apps.clear()
+        elif event.kind == "app":
+            self._apps.drop(lambda _, app: app.id == event.key)
 
     async def app(self, ref: str) -> AppRecord:
-        now = time.monotonic()
-        cached = self._apps.get(ref)
-        if cached and cached[0] > now:
-            return cached[1]
-        record = await self.registry.app(ref)
-        if len(self._apps) > 10_000:
-            self._apps.clear()
-        self._apps[ref] = (now + self.ttl_s, record)
+        record = self._apps.get(ref)
+        if record is None:
+            generation = self._apps.generation
+            record = await self.registry.app(ref)
+            self._apps.put(ref, record, generation)
         return record
 
     async def version(self, app: AppRecord, version: str) -> VersionRecord:
@@ -47,8 +58,13 @@ class Catalog:
         return cached
 
     def forget(self, app: AppRecord) -> None:
-        self._apps.pop(app.id, None)
-        self._apps.pop(app.name, None)
+        """Drop the app here; ``changed`` also tells every other gateway."""
+        self._apps.drop(lambda _, cached: cached.id == app.id)
+
+    async def changed(self, app: AppRecord) -> None:
+        self.forget(app)
+        if self.bus is not None:
+            await self.bus.publish("app", app.id)
 
 
 @dataclasses.dataclass
@@ -61,20 +77,32 @@ class Gateway:
     verifier: TokenVerifier
     catalog: Catalog
     blobs: LocalBlobStore
+    auth: Authenticator
+    bus: Invalidations
+    gates: Gates
+    grants: GrantStore
+    secrets: Secrets
+    farm_keys: Keyring
 
-    async def caller(self, request: web.Request) -> User | None:
-        """The authenticated user, None when no credentials were sent."""
+    async def principal(self, request: web.Request) -> Principal | None:
+        """The authenticated caller, None when no credentials were sent."""
         header = request.headers.get("Authorization")
         if header is None:
             return None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed", "the Authorization header must be 'Bearer <token>'")
-        return await self.verifier.verify(token.strip())
+        return await self.auth.verify(token.strip())
+
+    async def caller(self, request: web.Request) -> User | None:
+        """The authenticated user, None when no credentials were sent."""
+        principal = await self.principal(request)
+        return principal.user if principal else None
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def may_call(app: AppRecord, user: User | None) -> bool:
+    """Without grants: the owner, or anyone for an app that is not private."""
     return app.visibility != "private" or (user is not None and user.id == app.owner_id)

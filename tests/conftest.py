@@ -201,3 +201,32 @@ def rpc_body(method: str, params: dict[str, Any] | None = None, id: Any = 1) -> 
     if params is not None:
         body["params"] = params
     return orjson.dumps(body)
+
+
+# The suite's shared callers (one owner token, anonymous loopback) send far more requests a
+# minute than the default rate limits allow; the tests of the limits set their own.
+RELAXED_LIMITS = {
+    "ULTRALIGHT_RATE_LIMIT_CALL_PER_MIN": "1000000",
+    "ULTRALIGHT_RATE_LIMIT_LIST_PER_MIN": "1000000",
+    "ULTRALIGHT_RATE_LIMIT_INITIALIZE_PER_MIN": "1000000",
+    "ULTRALIGHT_WEEKLY_QUOTAS": "anonymous:0,free:0",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, value in RELAXED_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
+def modern_call(client: httpx2.Client, app: str, method: str,
+                params: dict[str, Any] | None = None,
+                headers: dict[str, str] | None = None) -> httpx2.Response:
+    """One stateless-era (2026-07-28) MCP request whose headers agree with its body."""
+    version = "2026-07-28"
+    params = {**(params or {}), "_meta": {"io.modelcontextprotocol/protocolVersion": version}}
+    sent = {"Content-Type": "application/json", "Accept": "application/json",
+            "MCP-Protocol-Version": version, "Mcp-Method": method}
+    if method == "tools/call":
+        sent["Mcp-Name"] = str(params.get("name"))
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    return client.post(f"/mcp/{app}", content=body, headers={**sent, **(headers or {})})

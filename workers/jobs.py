@@ -50,6 +50,9 @@ class CallJob:
     sealed: str | None = None
     # Set on replays: writes go to this shadow space, reads fall through to live data.
     shadow: str | None = None
+    # How many app-to-app calls led here (0 for a call from a client), and through which apps.
+    depth: int = 0
+    chain: list[str] = dataclasses.field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +73,8 @@ class CallReply:
     logs: str = ""
     elapsed_ms: float = 0.0
     worker_id: str = ""
+    # One entry per ul.ai completion: provider, model, tokens and cost.
+    ai_usage: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
