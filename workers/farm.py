@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -40,6 +41,9 @@ from workers.jail import Isolation, Slot, allocate_slots, make_jail, probe, rele
 from workers.metrics import WorkerMetrics
 from workers.outbound import CallHttp, Outbound, OutboundPolicy
 from workers.pool import SandboxPool
+from workers import sealing
+from workers.ai import AiClient
+from workers.nested import NestedCaller
 from workers.datacache import MISSING, CacheView, DataCache, version_key
 from workers.shadow import ShadowScopes
 from workers.sandbox import CallInput, Limits, SandboxError
@@ -84,6 +88,8 @@ class Farm:
         self.cache = DataCache()
         self.limits = sandbox_limits(settings)
         self.outbound = Outbound(OutboundPolicy.from_settings(settings))
+        self.ai = AiClient(settings)
+        self.nested = NestedCaller(settings, sealing.farm_keyring(settings))
         self.pool: SandboxPool | None = None
         self.slots: list[Slot] = []
         self.running = 0
@@ -95,6 +101,8 @@ class Farm:
         await self.data.open()
         await self.blobs.check()
         await self.outbound.open()
+        await self.ai.open()
+        await self.nested.open()
         self.pool.fill()
         await self._beat()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -143,6 +151,8 @@ class Farm:
             await self.pool.close()
         await asyncio.to_thread(release_slots, self.slots)
         await self.outbound.close()
+        await self.ai.close()
+        await self.nested.close()
         await self.data.close()
         log.info("worker_stopped", worker_id=self.worker_id)
 
@@ -236,13 +246,14 @@ class Farm:
         try:
             http = self.outbound.for_call(request_id=job.call_id, app_id=job.app_id)
             with sealing.PROVIDER_KEYS.holding(job.call_id, opened.byok):
-                handler = SdkHandler(self.data, resolve, http, view)
+                services = CallServices(job, self.ai, self.nested)
+                handler = SdkHandler(self.data, resolve, http, view, services)
                 result = await sandbox.run(call, remaining, handler)
         finally:
             await self.pool.retire(sandbox)
         return CallReply(str(result.outcome), value=result.value, error=result.error,
                          logs=result.logs, elapsed_ms=(time.perf_counter() - started) * 1000,
-                         worker_id=self.worker_id)
+                         worker_id=self.worker_id, ai_usage=services.usage)
 
     async def _reply(self, job: CallJob, reply: CallReply) -> None:
         key = reply_key(job.call_id)
@@ -250,6 +261,16 @@ class Farm:
             pipe.rpush(key, reply.encode())
             pipe.expire(key, REPLY_TTL_S)
             await pipe.execute()
+
+
+@dataclasses.dataclass
+class CallServices:
+    """What a call's SDK requests may use beyond data and HTTP: ai() and call()."""
+
+    job: CallJob
+    ai: AiClient
+    nested: NestedCaller
+    usage: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class SdkHandler:
@@ -260,11 +281,13 @@ class SdkHandler:
     """
 
     def __init__(self, data: AppData, resolve: Callable[[], Awaitable[Scope]],
-                 http: CallHttp, cache: CacheView | None = None) -> None:
+                 http: CallHttp, cache: CacheView | None = None,
+                 services: CallServices | None = None) -> None:
         self.data = data
         self.resolve = resolve
         self.http = http
         self.cache = cache
+        self.services = services
 
     async def __call__(self, op: str, payload: dict[str, Any]) -> Any:
         method = getattr(self, f"op_{op}", None)
@@ -332,6 +355,24 @@ class SdkHandler:
         if self.cache is not None:
             self.cache.removed(list(keys))
         return removed
+
+    async def op_ai(self, messages: Any, model: str | None = None,
+                    max_tokens: int | None = None, temperature: float | None = None
+                    ) -> dict[str, Any]:
+        if self.services is None:
+            raise DataError("ai is not available here")
+        job = self.services.job
+        completion = await self.services.ai.complete(
+            messages, model, lambda provider: sealing.PROVIDER_KEYS.get(job.call_id, provider),
+            max_tokens=max_tokens, temperature=temperature)
+        self.services.usage.append({k: v for k, v in completion.public().items()
+                                    if k != "content"})
+        return completion.public()
+
+    async def op_call(self, app: str, function: str, args: dict[str, Any] | None = None) -> Any:
+        if self.services is None:
+            raise DataError("call is not available here")
+        return await self.services.nested.call(self.services.job, app, function, args or {})
 
     async def op_http(self, method: str, url: str, headers: dict[str, str] | None = None,
                       body: str | None = None, timeout: float | None = None) -> dict[str, Any]:
