@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import structlog
@@ -10,7 +12,10 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from config import Settings
-from gateway import GatewayError, mcp, rest
+from gateway import GatewayError, internal, mcp, ops_api, rest
+from gateway.calllog import CallLog, CallLogStore
+from gateway.ops import GatewayMetrics
+from gateway.replay import Replays
 from gateway.auth import Authenticator, TokenVerifier
 from gateway.caches import Invalidations
 from gateway.dispatch import Dispatcher
@@ -21,10 +26,12 @@ from gateway.secrets import SecretError, SecretKeys, Secrets
 from gateway.sessions import Sessions
 from gateway.state import GATEWAY, Catalog, Gateway
 from gateway.supabase import JwtConfig, JwtVerifier
-from workers.blobs import LocalBlobStore
+from workers.appdata import open_app_data
+from workers.blobs import open_blob_store
 from workers.farm import sqlite_path
 from workers.process import connect
 from workers.sealing import SealingError, farm_keyring
+from workers.shadow import shadow_app_id
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +76,8 @@ def create_app(settings: Settings) -> web.Application:
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         *rest.routes(),
+        *ops_api.routes(),
+        *internal.routes(),
     ])
     for path in ("/mcp/{app}", "/mcp/{app}/"):
         app.router.add_post(path, mcp.post)
@@ -83,12 +92,21 @@ def _lifecycle(settings: Settings) -> Any:
         await registry.open()
         redis = await connect(settings)
         gateway = app[GATEWAY] = await _assemble(settings, registry, redis)
+        await gateway.blobs.check()
+        ops = app[ops_api.OPS] = await _operations(settings, redis)
+        drainer = asyncio.create_task(ops.calls.drain_forever())
         await gateway.bus.start()
         if gateway.auth.jwts is not None:
             await gateway.auth.jwts.start()
         log.info("gateway_started", host=settings.host, port=settings.port,
                  jwt=gateway.auth.jwts is not None)
         yield
+        await ops.calls.flush()
+        drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drainer
+        await ops.store.close()
+        await ops.app_data.close()
         await gateway.bus.stop()
         await redis.aclose()
         await registry.close()
@@ -114,10 +132,10 @@ async def _assemble(settings: Settings, registry: Registry, redis: ArqRedis) -> 
         registry=registry,
         redis=redis,
         sessions=Sessions(redis, settings.session_ttl_s),
-        dispatcher=Dispatcher(redis, settings.queue_name),
+        dispatcher=Dispatcher(redis, settings.queue_name, settings.max_queue_depth),
         verifier=verifier,
         catalog=Catalog(registry, settings.cache_ttl_s, bus),
-        blobs=LocalBlobStore(settings.resolved_blob_dir),
+        blobs=open_blob_store(settings),
         auth=Authenticator(registry, verifier, jwts, settings.access_cache_ttl_s, bus),
         bus=bus,
         gates=Gates(settings, redis, grants, bus),
@@ -125,6 +143,26 @@ async def _assemble(settings: Settings, registry: Registry, redis: ArqRedis) -> 
         secrets=Secrets(registry, secret_keys, bus, settings.access_cache_ttl_s),
         farm_keys=farm_keys,
     )
+
+
+async def _operations(settings: Settings, redis: ArqRedis) -> ops_api.Ops:
+    """The call log, its drainer's store, replays and metrics of this gateway."""
+    store = CallLogStore(sqlite_path(settings.resolved_database_url))
+    await store.open()
+    app_data = open_app_data(settings.resolved_database_url,
+                             max_value_bytes=settings.max_value_bytes,
+                             max_query_limit=settings.max_query_limit)
+    await app_data.open()
+
+    async def drop_shadow(app_id: str, replay_id: str) -> None:
+        await app_data.drop_app(shadow_app_id(app_id, replay_id))
+        async for key in redis.scan_iter(f"ultralight:replay:{replay_id}:cloned:*"):
+            await redis.delete(key)
+
+    replays = Replays(redis, store, Dispatcher(redis, settings.replay_queue_name),
+                      settings.call_timeout_s, drop_shadow)
+    calls = CallLog(redis, store, settings.call_log_retention_days * 86_400)
+    return ops_api.Ops(calls, store, replays, GatewayMetrics(), app_data)
 
 
 def serve(settings: Settings) -> None:

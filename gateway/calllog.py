@@ -67,6 +67,7 @@ SCHEMA = [
     CREATE INDEX call_log_app_at ON call_log(app_id, at);
     CREATE INDEX call_log_at ON call_log(at)
     """,
+    "ALTER TABLE call_log ADD COLUMN ai_usage TEXT",
 ]
 
 
@@ -115,6 +116,8 @@ class CallRecord:
     duration_ms: float
     worker_id: str | None
     replay_of: str | None = None
+    # JSON list of the ul.ai completions the call made: provider, model, tokens, cost.
+    ai_usage: str | None = None
 
     @classmethod
     def build(cls, *, args: dict[str, Any], value: Any, ok: bool, **fields: Any) -> CallRecord:
@@ -132,6 +135,7 @@ class CallRecord:
         data = dataclasses.asdict(self)
         data["args"] = orjson.loads(self.args)
         data["result"] = orjson.loads(self.result) if self.result is not None else None
+        data["ai_usage"] = orjson.loads(self.ai_usage) if self.ai_usage else []
         return data
 
 
@@ -250,6 +254,8 @@ class CallLog:
 
     async def _append(self, record: CallRecord) -> None:
         try:
+            if record.session_id is not None and record.seq is None:
+                record = dataclasses.replace(record, seq=await self.next_seq(record.session_id))
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(STREAM, {"r": orjson.dumps(dataclasses.asdict(record))},
                           maxlen=STREAM_MAX, approximate=True)

@@ -16,6 +16,7 @@ import orjson
 from config import Settings, SettingsError
 from config.logging import configure_logging
 from gateway import GatewayError, cli_access
+from gateway.cli_ops import add_ops_commands
 from gateway.client import ClientError, GatewayClient
 
 
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--args", default="{}", help="arguments as a JSON object")
     add_client_flags(call)
     add_access_commands(command)
+    add_ops_commands(command, remote, add_client_flags, settings_from, add_store_flags)
     return parser
 
 

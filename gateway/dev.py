@@ -166,6 +166,7 @@ def run_dev(data_dir: Path, port: int, workers: int) -> int:
         env["ULTRALIGHT_REDIS_URL"] = start_redis(children, data_dir, env)
         token = create_token(env)
         command = [sys.executable, "-m", "gateway"]
+        env["ULTRALIGHT_GATEWAY_URL"] = f"http://127.0.0.1:{port}"
         children.start("gateway", [*command, "serve"], env)
         children.start("workers", [*command, "worker", "--processes", str(workers),
                                    "--supervise"], env)

@@ -23,7 +23,9 @@ from redis.exceptions import RedisError
 from gateway import GatewayError
 from gateway.auth import AuthError, Principal
 from gateway.calls import MissingSecrets, seal_call
+from gateway.calllog import CallRecord
 from gateway.dispatch import DispatchError
+from gateway.ops_api import OPS
 from gateway.gates import Admission, Caller, GateRefusal
 from gateway.registry import AppRecord, NotFound, User, VersionRecord
 from gateway.sessions import Session
@@ -594,11 +596,29 @@ async def dispatch(context: Context, function: str, arguments: dict[str, Any], c
             raise RpcFailure(INTERNAL_ERROR, str(exc), 503,
                              headers={"Retry-After": "1"}) from None
         reply = CallReply(exc.outcome, error=str(exc))
+    elapsed = time.perf_counter() - started
     log.info("call", request_id=job.call_id, app_id=job.app_id, app=job.app_name,
              version=job.version, function=function, outcome=reply.outcome,
-             elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
-             user_id=user.id if user else None)
+             elapsed_ms=round(elapsed * 1000, 2), user_id=user.id if user else None)
+    record_call(context, job, reply, elapsed)
     return reply
+
+
+def record_call(context: Context, job: CallJob, reply: CallReply, elapsed_s: float) -> None:
+    """One call-log entry and the gateway's metrics, without making the caller wait."""
+    ops = context.request.app[OPS]
+    ops.metrics.observe(reply.outcome, elapsed_s)
+    address = context.caller.address
+    ops.calls.record(CallRecord.build(
+        args=job.args, value=reply.value, ok=reply.ok,
+        request_id=job.call_id, at=time.time() - elapsed_s, app_id=job.app_id,
+        app_name=job.app_name, version=job.version, code_hash=job.code_hash,
+        function=job.function, user_id=context.user.id if context.user else None,
+        source=str(address) if address else None,
+        session_id=context.session.id if context.session else None, seq=None,
+        outcome=reply.outcome, error=reply.error, duration_ms=round(elapsed_s * 1000, 3),
+        worker_id=reply.worker_id or None,
+        ai_usage=orjson.dumps(reply.ai_usage).decode() if reply.ai_usage else None))
 
 
 HANDSHAKE_METHODS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import orjson
@@ -10,8 +11,9 @@ from aiohttp import web
 
 from gateway.calllog import CallLog, CallLogStore, CallRecord
 from gateway.ops import GatewayMetrics, farm_status
-from gateway.registry import NotFound
-from gateway.replay import Replays, ReplayError, Selection
+from gateway.calls import MissingSecrets, seal_call
+from gateway.replay import Replays, ReplayError, Selection, replay_call_id
+from workers.appdata import AppData
 from gateway.rest import ApiFailure, json_body, ok, owned_app, owner, problem
 
 
@@ -21,6 +23,7 @@ class Ops:
     store: CallLogStore
     replays: Replays
     metrics: GatewayMetrics
+    app_data: AppData
 
 
 OPS = web.AppKey("ops", Ops)
@@ -99,19 +102,27 @@ async def replay_call(request: web.Request) -> web.Response:
     if not records:
         return problem(404, "not_found", f"no logged call {request_id!r} of this app")
     record = records[0]
-    caller = await _caller(gateway, record.user_id)
-    return ok(await ops.replays.run_one(state, record, caller))
-
-
-async def _caller(gateway: Any, user_id: str | None) -> dict[str, Any] | None:
-    if user_id is None:
-        return None
+    caller = await gateway.registry.user_by_id(record.user_id) if record.user_id else None
+    app = await gateway.catalog.app(state.app_id)
+    version = await gateway.catalog.version(app, state.version)
     try:
-        found = await gateway.registry.user_by_id(user_id)
-    except (NotFound, AttributeError):
-        found = None
-    email = getattr(found, "email", None)
-    return {"id": user_id, "email": email, "tier": getattr(found, "tier", "free")}
+        sealed = await seal_call(gateway, app, version, caller,
+                                 replay_call_id(state, record))
+    except MissingSecrets as exc:
+        return ok({"request_id": record.request_id, "outcome": "app_error", "result": None,
+                   "result_digest": None, "error": str(exc), "duration_ms": 0})
+    identity = ({"id": caller.id, "email": caller.email, "tier": caller.tier}
+                if caller else None)
+    result = await ops.replays.run_one(state, record, identity, sealed)
+    ops.calls.record(CallRecord.build(
+        args=orjson.loads(record.args), value=result.get("result"),
+        ok=result["outcome"] == "ok", request_id=replay_call_id(state, record),
+        at=time.time(), app_id=state.app_id, app_name=state.app_name, version=state.version,
+        code_hash=state.code_hash, function=record.function, user_id=record.user_id,
+        source="replay", session_id=None, seq=None, outcome=result["outcome"],
+        error=result.get("error"), duration_ms=result["duration_ms"], worker_id=None,
+        replay_of=record.request_id))
+    return ok(result)
 
 
 async def finish_replay(request: web.Request) -> web.Response:

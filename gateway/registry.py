@@ -255,6 +255,14 @@ class Registry:
 
         return await self._run(op)
 
+    async def user_by_id(self, user_id: str) -> User | None:
+        def op(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute("SELECT id, email, tier FROM users WHERE id = ?",
+                               (user_id,)).fetchone()
+            return User(*row) if row else None
+
+        return await self._run(op)
+
     async def ensure_subject_user(self, subject: str, email: str | None) -> User:
         """The user behind an identity provider's subject, created (or linked by email) on
         first sight."""

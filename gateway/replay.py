@@ -52,9 +52,13 @@ class Selection:
     limit: int = 1000
 
 
+def replay_call_id(state: ReplayState, record: CallRecord) -> str:
+    return f"{state.replay_id}-{record.request_id}"
+
+
 class Replays:
     def __init__(self, redis: Redis, calls: CallLogStore, dispatcher: Dispatcher,
-                 timeout_s: float, drop_shadow: Callable[[str], Awaitable[None]]) -> None:
+                 timeout_s: float, drop_shadow: Callable[[str, str], Awaitable[None]]) -> None:
         self.redis = redis
         self.calls = calls
         self.dispatcher = dispatcher
@@ -88,7 +92,7 @@ class Replays:
             return {"request_id": record.request_id, "outcome": "skipped",
                     "error": "its arguments were too large to log in full", "duration_ms": 0}
         job = CallJob(
-            call_id=f"{state.replay_id}-{record.request_id}",
+            call_id=replay_call_id(state, record),
             app_id=state.app_id, app_name=state.app_name, version=state.version,
             code_hash=state.code_hash, function=record.function,
             args=orjson.loads(record.args), deadline=time.time() + self.timeout_s,
@@ -111,7 +115,7 @@ class Replays:
 
     async def finish(self, state: ReplayState) -> None:
         """Drop everything the replay wrote, then forget it."""
-        await self.drop_shadow(state.replay_id)
+        await self.drop_shadow(state.app_id, state.replay_id)
         await self.redis.delete(state_key(state.replay_id))
 
 

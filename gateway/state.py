@@ -16,7 +16,7 @@ from gateway.grants import GrantStore
 from gateway.registry import AppRecord, Registry, User, VersionRecord
 from gateway.secrets import Secrets
 from gateway.sessions import Sessions
-from workers.blobs import LocalBlobStore
+from workers.blobs import LocalBlobStore, S3BlobStore
 from workers.sealing import Keyring
 
 
@@ -76,7 +76,7 @@ class Gateway:
     dispatcher: Dispatcher
     verifier: TokenVerifier
     catalog: Catalog
-    blobs: LocalBlobStore
+    blobs: LocalBlobStore | S3BlobStore
     auth: Authenticator
     bus: Invalidations
     gates: Gates

@@ -169,6 +169,8 @@ def start_farm(redis_url: str, *, workers: int = 1, gateways: int = 1,
     farm.token = token
     for _ in range(gateways):
         farm.add_gateway()
+    if farm.gateways:
+        farm.env.setdefault("ULTRALIGHT_GATEWAY_URL", farm.url)
     for _ in range(workers):
         farm.add_worker()
     wait_until(lambda: _workers_up(farm, workers), 30, "workers did not start")
