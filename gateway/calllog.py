@@ -131,6 +131,12 @@ class CallRecord:
                    result=result_text, result_size=result_size, result_truncated=result_cut,
                    result_digest=result_digest, **fields)
 
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> CallRecord:
+        record = cls(*row)
+        return dataclasses.replace(record, args_truncated=bool(record.args_truncated),
+                                   result_truncated=bool(record.result_truncated))
+
     def public(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["args"] = orjson.loads(self.args)
@@ -210,7 +216,7 @@ class CallLogStore:
                " ORDER BY at DESC LIMIT ?")
 
         def fetch(conn: sqlite3.Connection) -> list[CallRecord]:
-            return [CallRecord(*row) for row in conn.execute(sql, (*params, limit))]
+            return [CallRecord.from_row(row) for row in conn.execute(sql, (*params, limit))]
 
         return await self._run(fetch)
 
@@ -219,7 +225,8 @@ class CallLogStore:
         sql = (f"SELECT {', '.join(FIELDS)} FROM call_log WHERE app_id = ? AND request_id IN "
                f"({marks})")
         return await self._run(
-            lambda conn: [CallRecord(*row) for row in conn.execute(sql, (app_id, *request_ids))])
+            lambda conn: [CallRecord.from_row(row)
+                          for row in conn.execute(sql, (app_id, *request_ids))])
 
     async def prune(self, before: float) -> int:
         return await self._run(

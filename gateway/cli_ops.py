@@ -82,8 +82,13 @@ def cmd_replay(args: argparse.Namespace, client: GatewayClient) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
     from gateway.ops import farm_status, render_status
     from workers.process import connect
+
+    # arq reports each connection retry with a traceback; the command's own error says it all.
+    logging.getLogger("arq").setLevel(logging.CRITICAL)
 
     async def snapshot() -> dict[str, Any]:
         redis = await connect(settings)

@@ -47,13 +47,22 @@ def run_replay(client: GatewayClient, app: str, version: str, selection: dict[st
     progress = Progress(len(calls))
     results: dict[str, dict[str, Any]] = {}
     began = time.monotonic()
+
+    def run_caller(mine: list[dict[str, Any]]) -> None:
+        # One caller's calls run in their logged order: later calls may read earlier writes.
+        for call in mine:
+            results[call["request_id"]] = client.api(
+                "POST", f"/api/replays/{replay_id}/calls", {"request_id": call["request_id"]})
+            progress.step()
+
+    by_caller: dict[str | None, list[dict[str, Any]]] = {}
+    for call in calls:
+        by_caller.setdefault(call["user_id"], []).append(call)
     try:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            futures = {pool.submit(client.api, "POST", f"/api/replays/{replay_id}/calls",
-                                   {"request_id": call["request_id"]}): call for call in calls}
-            for future in as_completed(futures):
-                results[futures[future]["request_id"]] = future.result()
-                progress.step()
+            for future in as_completed([pool.submit(run_caller, mine)
+                                        for mine in by_caller.values()]):
+                future.result()
     finally:
         client.api("DELETE", f"/api/replays/{replay_id}")
     elapsed = time.monotonic() - began
