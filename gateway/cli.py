@@ -17,6 +17,7 @@ from config import Settings, SettingsError
 from config.logging import configure_logging
 from gateway import GatewayError, cli_access
 from gateway.cli_ops import add_ops_commands
+from workers import WorkerError
 from gateway.client import ClientError, GatewayClient
 
 
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.handler(args)
-    except (ClientError, SettingsError, GatewayError) as exc:
+    except (ClientError, SettingsError, GatewayError, WorkerError) as exc:
         print(f"ultralight: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
