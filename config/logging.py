@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import Any
 
 import structlog
 
 from config.settings import Settings
+
+
+SECRET_SHAPES = (
+    (re.compile(r"ul_[A-Za-z0-9_-]{16,}"), "ul_[redacted]"),
+    (re.compile(r"(?i)(bearer\s+)[^\s'\"\\,;]+"), r"\1[redacted]"),
+    (re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "[jwt redacted]"),
+)
+
+
+def redact(logger: Any, method: str, line: Any) -> Any:
+    """Last step of every log line: credentials that slipped into a message never leave it.
+
+    The farm's own events never carry a token, but a library can quote a raw request (aiohttp
+    does for a malformed header) and an exception can quote its input.
+    """
+    if not isinstance(line, str):
+        return line
+    for shape, replacement in SECRET_SHAPES:
+        line = shape.sub(replacement, line)
+    return line
 
 
 def configure_logging(settings: Settings) -> None:
@@ -32,7 +54,8 @@ def configure_logging(settings: Settings) -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer,
+                    redact],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)

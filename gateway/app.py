@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from config import Settings
 from gateway import GatewayError, internal, mcp, ops_api, rest
-from gateway.calllog import CallLog, CallLogStore
+from gateway.calllog import CallLog, open_call_log
 from gateway.ops import GatewayMetrics
 from gateway.replay import Replays
 from gateway.auth import Authenticator, TokenVerifier
@@ -21,14 +21,13 @@ from gateway.caches import Invalidations
 from gateway.dispatch import Dispatcher
 from gateway.gates import Gates
 from gateway.grants import GrantStore
-from gateway.registry import Registry
+from gateway.registry import Registry, open_registry
 from gateway.secrets import SecretError, SecretKeys, Secrets
 from gateway.sessions import Sessions
 from gateway.state import GATEWAY, Catalog, Gateway
 from gateway.supabase import JwtConfig, JwtVerifier
 from workers.appdata import open_app_data
 from workers.blobs import open_blob_store
-from workers.farm import sqlite_path
 from workers.process import connect
 from workers.sealing import SealingError, farm_keyring
 from workers.shadow import shadow_app_id
@@ -88,7 +87,7 @@ def create_app(settings: Settings) -> web.Application:
 
 def _lifecycle(settings: Settings) -> Any:
     async def lifecycle(app: web.Application) -> Any:
-        registry = Registry(sqlite_path(settings.resolved_database_url))
+        registry = open_registry(settings.resolved_database_url)
         await registry.open()
         redis = await connect(settings)
         gateway = app[GATEWAY] = await _assemble(settings, registry, redis)
@@ -147,7 +146,7 @@ async def _assemble(settings: Settings, registry: Registry, redis: ArqRedis) -> 
 
 async def _operations(settings: Settings, redis: ArqRedis) -> ops_api.Ops:
     """The call log, its drainer's store, replays and metrics of this gateway."""
-    store = CallLogStore(sqlite_path(settings.resolved_database_url))
+    store = open_call_log(settings.resolved_database_url)
     await store.open()
     app_data = open_app_data(settings.resolved_database_url,
                              max_value_bytes=settings.max_value_bytes,

@@ -12,10 +12,8 @@ import contextlib
 import dataclasses
 import hashlib
 import socket
-import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import GatewayError
+from gateway.registry import Database, Failures, Migrations, SqliteDatabase, Tx, open_database
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -69,10 +68,16 @@ SCHEMA = [
     """,
     "ALTER TABLE call_log ADD COLUMN ai_usage TEXT",
 ]
+# Any fixed bigint, other than the other stores' ("ul_clog").
+MIGRATION_LOCK = 0x756C_5F63_6C6F_67
+MIGRATIONS = Migrations("call_log", "call_log_schema", SCHEMA, MIGRATION_LOCK)
 
 
 class CallLogError(GatewayError):
     """The call log store failed."""
+
+
+FAILURES = Failures(CallLogError, CallLogError, "call log database", "the call log is not open")
 
 
 def digest(value: Any) -> str:
@@ -149,62 +154,36 @@ FIELDS = [f.name for f in dataclasses.fields(CallRecord)]
 
 
 class CallLogStore:
-    """The call log's SQL table (SQLite here), on one thread with one connection."""
+    """The call log's SQL table, in SQLite or PostgreSQL (see `gateway.registry.Database`)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calllog")
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, database: Database | str | Path) -> None:
+        """``database``: an unopened `Database`, or the path of a SQLite file."""
+        if not isinstance(database, Database):
+            database = SqliteDatabase(database, FAILURES)
+        self.database = database
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            raise CallLogError("the call log is not open")
-        try:
-            with self._conn:
-                return fn(self._conn)
-        except sqlite3.Error as exc:
-            raise CallLogError(f"call log database error: {exc}") from exc
+    async def _run(self, fn: Callable[[Tx], T]) -> T:
+        return await self.database.run(fn)
 
     async def open(self) -> None:
-        def setup() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            self._conn = conn
-            with conn:
-                conn.execute("CREATE TABLE IF NOT EXISTS call_log_schema (version INTEGER)")
-                current = conn.execute("SELECT max(version) FROM call_log_schema").fetchone()[0]
-                for number, script in enumerate(SCHEMA[current or 0:], start=(current or 0) + 1):
-                    for statement in filter(str.strip, script.split(";")):
-                        conn.execute(statement)
-                    conn.execute("INSERT INTO call_log_schema VALUES (?)", (number,))
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, setup)
+        await self.database.open(MIGRATIONS)
 
     async def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)
+        await self.database.close()
 
     async def insert_many(self, records: list[CallRecord]) -> None:
-        rows = [tuple(getattr(r, f) for f in FIELDS) for r in records]
+        rows = [tuple(_column_value(getattr(r, f)) for f in FIELDS) for r in records]
         marks = ", ".join("?" * len(FIELDS))
-        await self._run(lambda conn: conn.executemany(
-            f"INSERT OR IGNORE INTO call_log ({', '.join(FIELDS)}) VALUES ({marks})", rows))
+        sql = (f"INSERT INTO call_log ({', '.join(FIELDS)}) VALUES ({marks})"
+               " ON CONFLICT DO NOTHING")
+        await self._run(lambda tx: tx.executemany(sql, rows))
 
     async def query(self, app_id: str, *, function: str | None = None,
                     since: float | None = None, until: float | None = None,
                     outcome: str | None = None, limit: int = 100,
                     include_replays: bool = False) -> list[CallRecord]:
-        clauses, params = ["app_id = ?"], [app_id]
+        clauses = ["app_id = ?"]
+        params: list[Any] = [app_id]
         for clause, value in (("function = ?", function), ("at >= ?", since),
                               ("at < ?", until), ("outcome = ?", outcome)):
             if value is not None:
@@ -215,8 +194,8 @@ class CallLogStore:
         sql = (f"SELECT {', '.join(FIELDS)} FROM call_log WHERE {' AND '.join(clauses)}"
                " ORDER BY at DESC LIMIT ?")
 
-        def fetch(conn: sqlite3.Connection) -> list[CallRecord]:
-            return [CallRecord.from_row(row) for row in conn.execute(sql, (*params, limit))]
+        def fetch(tx: Tx) -> list[CallRecord]:
+            return [CallRecord.from_row(row) for row in tx.execute(sql, (*params, limit))]
 
         return await self._run(fetch)
 
@@ -224,13 +203,25 @@ class CallLogStore:
         marks = ", ".join("?" * len(request_ids))
         sql = (f"SELECT {', '.join(FIELDS)} FROM call_log WHERE app_id = ? AND request_id IN "
                f"({marks})")
-        return await self._run(
-            lambda conn: [CallRecord.from_row(row)
-                          for row in conn.execute(sql, (app_id, *request_ids))])
+
+        def fetch(tx: Tx) -> list[CallRecord]:
+            return [CallRecord.from_row(row) for row in tx.execute(sql, (app_id, *request_ids))]
+
+        return await self._run(fetch)
 
     async def prune(self, before: float) -> int:
         return await self._run(
-            lambda conn: conn.execute("DELETE FROM call_log WHERE at < ?", (before,)).rowcount)
+            lambda tx: tx.execute("DELETE FROM call_log WHERE at < ?", (before,)).rowcount)
+
+
+def _column_value(value: Any) -> Any:
+    # Flags are stored as 0 and 1, which both backends keep in an integer column.
+    return int(value) if isinstance(value, bool) else value
+
+
+def open_call_log(url: str) -> CallLogStore:
+    """The call log in the database a URL names (``ULTRALIGHT_DATABASE_URL``), not yet opened."""
+    return CallLogStore(open_database(url, FAILURES, max_connections=2))
 
 
 class CallLog:

@@ -18,14 +18,18 @@ class MissingSecrets(GatewayError):
 
 
 async def seal_call(gateway: Gateway, app: AppRecord, version: VersionRecord, user: User | None,
-                    call_id: str) -> str | None:
-    """The sealed payload for one call, or None when there is nothing to seal."""
+                    call_id: str, caller_secrets: bool = True) -> str | None:
+    """The sealed payload for one call, or None when there is nothing to seal.
+
+    ``caller_secrets=False`` (replays) seals the app's env vars only: the caller's own secrets
+    and provider keys stay out, and an app that requires them raises MissingSecrets.
+    """
     specs = declared(version.manifest)
     per_user = {name for name, spec in specs.items() if spec.per_user}
     secrets = gateway.secrets
     mine: dict[str, str] = {}
     byok: dict[str, str] = {}
-    if user is None:
+    if user is None or not caller_secrets:
         env = await secrets.env_values(app.id)
     else:
         env, mine, byok = await asyncio.gather(
@@ -34,7 +38,7 @@ async def seal_call(gateway: Gateway, app: AppRecord, version: VersionRecord, us
             secrets.byok_values(user.id))
     env = {name: value for name, value in env.items() if name not in per_user}
     mine = {name: value for name, value in mine.items() if name in per_user}
-    check_required(app, specs, env, mine, user)
+    check_required(app, specs, env, mine, user if caller_secrets else None)
     payload = SealedPayload(env=env, secrets=mine, byok=byok)
     if payload.empty:
         return None

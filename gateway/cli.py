@@ -81,13 +81,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     from gateway.auth import issue_token
-    from gateway.registry import Registry
-    from workers.farm import sqlite_path
+    from gateway.registry import open_registry
 
     settings = settings_from(args)
+    # The store's log lines go to stderr: stdout carries the token alone.
+    configure_logging(settings)
 
     async def create() -> Any:
-        registry = Registry(sqlite_path(settings.resolved_database_url))
+        registry = open_registry(settings.resolved_database_url)
         await registry.open()
         try:
             ttl = args.expires_days * 86400 if args.expires_days else None

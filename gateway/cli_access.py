@@ -18,9 +18,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from config import Settings
+from config.logging import configure_logging
 from gateway.caches import INVALIDATE_CHANNEL
 from gateway.client import GatewayClient
-from gateway.registry import Registry
+from gateway.registry import Registry, open_registry
 
 T = TypeVar("T")
 
@@ -49,9 +50,9 @@ def read_secret(given: str | None, what: str) -> str:
 
 
 async def _with_registry(settings: Settings, work: Callable[[Registry], Awaitable[T]]) -> T:
-    from workers.farm import sqlite_path
-
-    registry = Registry(sqlite_path(settings.resolved_database_url))
+    # The store's log lines go to stderr, apart from what the command prints.
+    configure_logging(settings)
+    registry = open_registry(settings.resolved_database_url)
     await registry.open()
     try:
         return await work(registry)

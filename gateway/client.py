@@ -29,7 +29,10 @@ class GatewayClient:
 
     def _send(self, method: str, path: str, body: Any = None,
               headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = None if body is None else orjson.dumps(body)
+        try:
+            data = None if body is None else orjson.dumps(body)
+        except TypeError as exc:
+            raise ClientError(f"cannot send that request: {exc}") from None
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
         if data is not None:
@@ -45,6 +48,10 @@ class GatewayClient:
             return exc.code, _decode(exc.read())
         except (urllib.error.URLError, OSError) as exc:
             raise ClientError(f"cannot reach the gateway at {self.url}: {exc}") from exc
+        except ValueError as exc:
+            # http.client refuses header values with line breaks (a token pasted with one).
+            raise ClientError(f"cannot send that request: {exc}; check ULTRALIGHT_TOKEN and "
+                              "ULTRALIGHT_URL") from None
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         status, payload = self._send(method, path, body)

@@ -8,6 +8,7 @@ import re
 import time
 from typing import Any
 
+import jsonschema
 import orjson
 
 from gateway import GatewayError
@@ -18,6 +19,17 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MAX_SOURCE_BYTES = 512 * 1024
 MANIFEST_KEYS = {"name", "description", "env", "functions", "version"}
 FUNCTION_KEYS = {"description", "input_schema", "inputSchema", "output_schema", "outputSchema"}
+REF_REASON = "schemas must be self-contained (strict clients reject references)"
+REGEX_REASON = "regular expressions can take exponential time; check the value in the app"
+NAMED_SUBSCHEMAS = {"properties", "$defs", "definitions", "dependentSchemas",
+                    "patternProperties"}
+SUBSCHEMA_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems"}
+SUBSCHEMAS = {"items", "not", "if", "then", "else", "contains", "additionalProperties",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties", "additionalItems"}
+FORBIDDEN_KEYWORDS = {
+    "$ref": REF_REASON, "$dynamicRef": REF_REASON, "$recursiveRef": REF_REASON,
+    "pattern": REGEX_REASON, "patternProperties": REGEX_REASON,
+}
 
 
 class DeployError(GatewayError):
@@ -72,7 +84,41 @@ def tool_entry(spec: ToolSpec, override: dict[str, Any]) -> dict[str, Any]:
     output = entry["outputSchema"]
     if output is not None and (not isinstance(output, dict) or output.get("type") != "object"):
         raise DeployError(f"the manifest's output schema of {spec.name!r} must have type object")
+    for which in ("inputSchema", "outputSchema"):
+        if entry[which] is not None:
+            check_schema(entry[which], f"the {which} of {spec.name!r}")
     return entry
+
+
+def check_schema(schema: dict[str, Any], what: str) -> None:
+    """A manifest schema must be valid, self-contained and cheap to evaluate."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise DeployError(f"{what} is not a valid JSON Schema: {exc.message}") from None
+    for keyword in _keywords(schema):
+        if keyword in FORBIDDEN_KEYWORDS:
+            raise DeployError(f"{what} uses {keyword!r}, which is not allowed: "
+                              f"{FORBIDDEN_KEYWORDS[keyword]}")
+
+
+def _keywords(schema: Any) -> set[str]:
+    """Every keyword used in a schema and its subschemas (not property names, not data)."""
+    found: set[str] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            found.add(key)
+            if key in NAMED_SUBSCHEMAS and isinstance(value, dict):
+                stack.extend(value.values())
+            elif key in SUBSCHEMA_LISTS and isinstance(value, list):
+                stack.extend(value)
+            elif key in SUBSCHEMAS:
+                stack.extend(value if isinstance(value, list) else [value])
+    return found
 
 
 def check_manifest(manifest: Any) -> dict[str, Any]:

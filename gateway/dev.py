@@ -112,13 +112,12 @@ def wait_ready(client: GatewayClient, children: Children, timeout_s: float) -> N
 def create_token(env: dict[str, str]) -> str:
     from config import Settings
     from gateway.auth import issue_token
-    from gateway.registry import Registry
-    from workers.farm import sqlite_path
+    from gateway.registry import open_registry
 
     settings = Settings.from_env(env)
 
     async def issue() -> str:
-        registry = Registry(sqlite_path(settings.resolved_database_url))
+        registry = open_registry(settings.resolved_database_url)
         await registry.open()
         try:
             return (await issue_token(registry, "dev@localhost", "dev")).token
@@ -175,7 +174,7 @@ def run_dev(data_dir: Path, port: int, workers: int) -> int:
         wait_ready(client, children, 30.0)
         apps = deploy_examples(client)
         self_check(client)
-        announce(data_dir, url, token, apps)
+        announce(data_dir, url, token, apps, env["ULTRALIGHT_REDIS_URL"])
         while not stop.is_set():
             crashed = children.dead()
             if crashed:
@@ -190,9 +189,9 @@ def run_dev(data_dir: Path, port: int, workers: int) -> int:
     return 0
 
 
-def announce(data_dir: Path, url: str, token: str, apps: list[str]) -> None:
+def announce(data_dir: Path, url: str, token: str, apps: list[str], redis_url: str) -> None:
     mcp_urls = {name: f"{url}/mcp/{name}" for name in apps}
-    info = {"gateway_url": url, "token": token, "apps": mcp_urls}
+    info = {"gateway_url": url, "token": token, "apps": mcp_urls, "redis_url": redis_url}
     (data_dir / "dev.json").write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
     config = {"mcpServers": {name: {"type": "http", "url": mcp_url,
                                     "headers": {"Authorization": f"Bearer {token}"}}
@@ -209,4 +208,5 @@ def announce(data_dir: Path, url: str, token: str, apps: list[str]) -> None:
     say(f"Written to {data_dir / 'dev.json'}. Try:")
     say(f"  ULTRALIGHT_URL={url} ULTRALIGHT_TOKEN={token} \\")
     say("    ultralight call bookmarks add_bookmark --args '{\"url\": \"https://example.org\"}'")
+    say(f"Farm status: ultralight status --redis-url {redis_url}")
     say("Press Ctrl-C to stop.")

@@ -13,7 +13,6 @@ import datetime
 import functools
 import ipaddress
 import re
-import sqlite3
 import time
 import uuid
 from typing import Any
@@ -23,7 +22,7 @@ import orjson
 
 from gateway import GatewayError
 from gateway.limits import PERIODS, Period
-from gateway.registry import NotFound, Registry
+from gateway.registry import NotFound, Registry, Tx
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -366,16 +365,21 @@ class GrantStore:
                   expires_at: float | None, created_by: str) -> Grant:
         grant = Grant(f"gr_{uuid.uuid4().hex[:16]}", app_id, email.strip().lower(), function,
                       rules, time.time(), expires_at)
-        await self.registry.run(lambda conn: conn.execute(
-            f"INSERT INTO grants ({GRANT_COLUMNS}, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (grant.id, app_id, grant.email, function, orjson.dumps(rules.to_json()).decode(),
-             grant.created_at, expires_at, None, created_by)))
+
+        def op(tx: Tx) -> None:
+            tx.execute(f"INSERT INTO grants ({GRANT_COLUMNS}, created_by)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (grant.id, app_id, grant.email, function,
+                        orjson.dumps(rules.to_json()).decode(), grant.created_at, expires_at,
+                        None, created_by))
+
+        await self.registry.run(op)
         return grant
 
     async def of_app(self, app_id: str, include_revoked: bool = False) -> list[Grant]:
-        def op(conn: sqlite3.Connection) -> list[Grant]:
+        def op(tx: Tx) -> list[Grant]:
             live = "" if include_revoked else " AND revoked_at IS NULL"
-            rows = conn.execute(f"SELECT {GRANT_COLUMNS} FROM grants WHERE app_id = ?{live}"
+            rows = tx.execute(f"SELECT {GRANT_COLUMNS} FROM grants WHERE app_id = ?{live}"
                                 " ORDER BY created_at", (app_id,))
             return [_grant(r) for r in rows]
 
@@ -383,8 +387,8 @@ class GrantStore:
 
     async def for_caller(self, app_id: str, email: str) -> list[Grant]:
         """The caller's grants that are not revoked (expiry is checked per request)."""
-        def op(conn: sqlite3.Connection) -> list[Grant]:
-            rows = conn.execute(f"SELECT {GRANT_COLUMNS} FROM grants WHERE app_id = ? AND"
+        def op(tx: Tx) -> list[Grant]:
+            rows = tx.execute(f"SELECT {GRANT_COLUMNS} FROM grants WHERE app_id = ? AND"
                                 " email = ? AND revoked_at IS NULL ORDER BY created_at",
                                 (app_id, email.strip().lower()))
             return [_grant(r) for r in rows]
@@ -392,10 +396,10 @@ class GrantStore:
         return await self.registry.run(op)
 
     async def revoke(self, app_id: str, grant_id: str) -> Grant:
-        def op(conn: sqlite3.Connection) -> Grant:
-            conn.execute("UPDATE grants SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?"
+        def op(tx: Tx) -> Grant:
+            tx.execute("UPDATE grants SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?"
                          " AND app_id = ?", (time.time(), grant_id, app_id))
-            row = conn.execute(f"SELECT {GRANT_COLUMNS} FROM grants WHERE id = ? AND app_id = ?",
+            row = tx.execute(f"SELECT {GRANT_COLUMNS} FROM grants WHERE id = ? AND app_id = ?",
                                (grant_id, app_id)).fetchone()
             if row is None:
                 raise NotFound(f"this app has no grant {grant_id!r}")

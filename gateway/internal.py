@@ -17,7 +17,7 @@ from gateway.auth import Principal
 from gateway.calls import MissingSecrets, seal_call
 from gateway.dispatch import DispatchError
 from gateway.gates import Caller, GateRefusal
-from gateway.registry import NotFound, User
+from gateway.registry import AppRecord, NotFound, User
 from gateway.state import GATEWAY
 from gateway.tools import ArgumentError, prepare_arguments
 from workers.jobs import CallJob
@@ -43,6 +43,9 @@ async def internal_call(request: web.Request) -> web.Response:
         return answer(error=f"no app named {app_ref!r}")
     if app.live_version is None:
         return answer(error=f"the app {app.name!r} has no live version")
+    refusal = await _crossing(gateway, identity, app)
+    if refusal:
+        return answer(error=refusal)
     version = await gateway.catalog.version(app, app.live_version)
     user = User(**identity["user"]) if identity.get("user") else None
     caller = Caller(Principal(user) if user else None, None)
@@ -66,7 +69,8 @@ async def internal_call(request: web.Request) -> web.Response:
                                time.time() + gateway.settings.call_timeout_s),
                   user={"id": user.id, "email": user.email, "tier": user.tier} if user else None,
                   sealed=sealed, depth=int(identity.get("depth", 1)),
-                  chain=list(identity.get("chain", [])))
+                  chain=list(identity.get("chain", [])),
+                  caller_apps=identity.get("caller_apps"))
     try:
         reply = await gateway.dispatcher.call(job)
     except DispatchError as exc:
@@ -74,6 +78,26 @@ async def internal_call(request: web.Request) -> web.Response:
     if not reply.ok:
         return answer(error=reply.error or reply.outcome)
     return answer(result=reply.value)
+
+
+async def _crossing(gateway: Any, identity: dict[str, Any], target: AppRecord) -> str | None:
+    """Why the calling app may not reach ``target`` for this caller, or None.
+
+    A nested call carries the caller's identity, so it must not let one owner's app reach into
+    apps it could not call itself: a private app is reachable only from apps of the same owner.
+    A token limited to some apps stays limited inside app-to-app calls.
+    """
+    allowed = identity.get("caller_apps")
+    if allowed is not None and target.name not in allowed and target.id not in allowed:
+        return f"the caller's token may not call the app {target.name!r}"
+    try:
+        calling = await gateway.catalog.app(str(identity.get("from_app", "")))
+    except NotFound:
+        return "the calling app no longer exists"
+    if target.visibility == "private" and target.owner_id != calling.owner_id:
+        return (f"the app {calling.name!r} may not call the private app {target.name!r}: "
+                "only apps of the same owner may, or make it unlisted or public")
+    return None
 
 
 def routes() -> list[web.RouteDef]:

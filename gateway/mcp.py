@@ -174,9 +174,9 @@ def check_origin(request: web.Request, gateway: Gateway) -> None:
         parts = urlsplit(origin)
     except ValueError:
         raise RpcFailure(INVALID_REQUEST, f"origin {origin!r} is not a valid URL", 403) from None
+    # Not "same as Host": a DNS-rebinding page sends a Host that matches its own Origin.
     allowed = (
         parts.hostname in {"localhost", "127.0.0.1", "::1"}
-        or parts.netloc == request.host
         or origin.rstrip("/") in gateway.settings.origin_allowlist
     )
     if not allowed:
@@ -586,6 +586,8 @@ async def dispatch(context: Context, function: str, arguments: dict[str, Any], c
         deadline=time.time() + gateway.settings.call_timeout_s,
         user={"id": user.id, "email": user.email, "tier": user.tier} if user else None,
         sealed=sealed,
+        caller_apps=sorted(context.principal.apps)
+        if context.principal and context.principal.apps is not None else None,
     )
     started = time.perf_counter()
     context.timing["pre"] = (started - context.started) * 1000

@@ -106,11 +106,14 @@ async def replay_call(request: web.Request) -> web.Response:
     app = await gateway.catalog.app(state.app_id)
     version = await gateway.catalog.version(app, state.version)
     try:
-        sealed = await seal_call(gateway, app, version, caller,
-                                 replay_call_id(state, record))
-    except MissingSecrets as exc:
-        return ok({"request_id": record.request_id, "outcome": "app_error", "result": None,
-                   "result_digest": None, "error": str(exc), "duration_ms": 0})
+        # Replays get the app's env vars but never the caller's secrets or provider keys: the
+        # new code must not be able to read or spend what the caller entrusted to the old one.
+        sealed = await seal_call(gateway, app, version, caller, replay_call_id(state, record),
+                                 caller_secrets=False)
+    except MissingSecrets:
+        return ok({"request_id": record.request_id, "outcome": "skipped", "result": None,
+                   "result_digest": None, "duration_ms": 0,
+                   "error": "the app needs the caller's own secrets, which replays never get"})
     identity = ({"id": caller.id, "email": caller.email, "tier": caller.tier}
                 if caller else None)
     result = await ops.replays.run_one(state, record, identity, sealed)

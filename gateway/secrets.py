@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from config import Settings
 from gateway import GatewayError
 from gateway.caches import Invalidation, Invalidations, TtlCache
-from gateway.registry import Registry
+from gateway.registry import Registry, Tx
 from workers.sealing import Keyring, SealingError, load_keyring, new_key_entry
 
 log = structlog.get_logger(__name__)
@@ -205,14 +204,14 @@ class Secrets:
         check_value(value, name)
         key_id, blob = encrypt(self.keys, context("env", app_id, name), value)
 
-        def op(conn: sqlite3.Connection) -> None:
-            exists = conn.execute("SELECT 1 FROM app_env WHERE app_id = ? AND name = ?",
+        def op(tx: Tx) -> None:
+            exists = tx.execute("SELECT 1 FROM app_env WHERE app_id = ? AND name = ?",
                                   (app_id, name)).fetchone()
-            count = conn.execute("SELECT count(*) FROM app_env WHERE app_id = ?",
+            count = tx.execute("SELECT count(*) FROM app_env WHERE app_id = ?",
                                  (app_id,)).fetchone()[0]
             if not exists and count >= MAX_ENV_VARS:
                 raise SecretError(f"an app may have at most {MAX_ENV_VARS} env vars")
-            _upsert(conn, "app_env", {"app_id": app_id, "name": name}, key_id, blob)
+            _upsert(tx, "app_env", {"app_id": app_id, "name": name}, key_id, blob)
 
         await self.registry.run(op)
         await self._changed(app_id)
@@ -234,8 +233,8 @@ class Secrets:
     async def set_user_secret(self, user_id: str, app_id: str, name: str, value: str) -> None:
         check_value(value, name)
         key_id, blob = encrypt(self.keys, context("secret", user_id, app_id, name), value)
-        await self.registry.run(lambda conn: _upsert(
-            conn, "user_secrets", {"user_id": user_id, "app_id": app_id, "name": name},
+        await self.registry.run(lambda tx: _upsert(
+            tx, "user_secrets", {"user_id": user_id, "app_id": app_id, "name": name},
             key_id, blob))
         await self._changed(user_id)
 
@@ -259,8 +258,8 @@ class Secrets:
         check_provider(provider)
         check_value(value, f"the {provider} key")
         key_id, blob = encrypt(self.keys, context("byok", user_id, provider), value)
-        await self.registry.run(lambda conn: _upsert(
-            conn, "byok_keys", {"user_id": user_id, "provider": provider}, key_id, blob))
+        await self.registry.run(lambda tx: _upsert(
+            tx, "byok_keys", {"user_id": user_id, "provider": provider}, key_id, blob))
         await self._changed(user_id)
 
     async def unset_byok(self, user_id: str, provider: str) -> bool:
@@ -279,16 +278,16 @@ class Secrets:
 
     async def _delete(self, table: str, where: dict[str, str]) -> bool:
         clause = " AND ".join(f"{column} = ?" for column in where)
-        cursor = await self.registry.run(lambda conn: conn.execute(
-            f"DELETE FROM {table} WHERE {clause}", tuple(where.values())))
-        return bool(cursor.rowcount)
+        removed = await self.registry.run(lambda tx: tx.execute(
+            f"DELETE FROM {table} WHERE {clause}", tuple(where.values())).rowcount)
+        return bool(removed)
 
     async def _names(self, table: str, where: dict[str, str], column: str
                      ) -> list[dict[str, Any]]:
         clause = " AND ".join(f"{c} = ?" for c in where)
 
-        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = conn.execute(f"SELECT {column}, updated_at FROM {table} WHERE {clause}"
+        def op(tx: Tx) -> list[dict[str, Any]]:
+            rows = tx.execute(f"SELECT {column}, updated_at FROM {table} WHERE {clause}"
                                 f" ORDER BY {column}", tuple(where.values()))
             return [{"name": r[0], "updated_at": r[1]} for r in rows]
 
@@ -302,8 +301,8 @@ class Secrets:
         generation = self._cache.generation
         clause = " AND ".join(f"{c} = ?" for c in where)
 
-        def op(conn: sqlite3.Connection) -> list[Row]:
-            return list(conn.execute(f"SELECT {column}, sealed, key_id FROM {table}"
+        def op(tx: Tx) -> list[Row]:
+            return list(tx.execute(f"SELECT {column}, sealed, key_id FROM {table}"
                                      f" WHERE {clause}", tuple(where.values())))
 
         rows = await self.registry.run(op)
@@ -313,11 +312,11 @@ class Secrets:
         return values
 
 
-def _upsert(conn: sqlite3.Connection, table: str, key: dict[str, str], key_id: str,
+def _upsert(tx: Tx, table: str, key: dict[str, str], key_id: str,
             blob: bytes) -> None:
     columns = [*key, "key_id", "sealed", "updated_at"]
     conflict = ", ".join(key)
-    conn.execute(
+    tx.execute(
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         f" ON CONFLICT ({conflict}) DO UPDATE SET key_id = excluded.key_id,"
         " sealed = excluded.sealed, updated_at = excluded.updated_at",
@@ -355,25 +354,25 @@ async def rotate(registry: Registry, keys: SecretKeys, batch: int = 200) -> Rota
     return report
 
 
-def _count(table: str) -> Callable[[sqlite3.Connection], int]:
-    return lambda conn: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+def _count(table: str) -> Callable[[Tx], int]:
+    return lambda tx: int(tx.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
 def _stale_rows(table: str, key_columns: tuple[str, ...], current: str, batch: int
-                ) -> Callable[[sqlite3.Connection], list[tuple[Any, ...]]]:
-    def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-        return list(conn.execute(f"SELECT {', '.join(key_columns)}, key_id, sealed FROM {table}"
+                ) -> Callable[[Tx], list[tuple[Any, ...]]]:
+    def op(tx: Tx) -> list[tuple[Any, ...]]:
+        return list(tx.execute(f"SELECT {', '.join(key_columns)}, key_id, sealed FROM {table}"
                                  f" WHERE key_id != ? LIMIT ?", (current, batch)))
 
     return op
 
 
 def _swap(table: str, key_columns: tuple[str, ...], key_values: list[str], old_blob: bytes,
-          key_id: str, blob: bytes) -> Callable[[sqlite3.Connection], int]:
+          key_id: str, blob: bytes) -> Callable[[Tx], int]:
     where = " AND ".join(f"{c} = ?" for c in key_columns)
 
-    def op(conn: sqlite3.Connection) -> int:
-        cursor = conn.execute(f"UPDATE {table} SET key_id = ?, sealed = ? WHERE {where}"
+    def op(tx: Tx) -> int:
+        cursor = tx.execute(f"UPDATE {table} SET key_id = ?, sealed = ? WHERE {where}"
                               " AND sealed = ?", (key_id, blob, *key_values, old_blob))
         return int(cursor.rowcount)
 

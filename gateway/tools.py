@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import jsonschema
+import referencing
 import orjson
 
 from gateway import GatewayError
@@ -20,7 +21,8 @@ class ArgumentError(GatewayError):
 def _validator(schema_json: bytes) -> jsonschema.protocols.Validator:
     schema = orjson.loads(schema_json)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    return cls(schema)
+    # An empty registry: a $ref can never make the gateway fetch a URL or read a file.
+    return cls(schema, registry=referencing.Registry())
 
 
 def validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:

@@ -153,3 +153,18 @@ def test_called_apps_see_the_original_caller(ai_farm: Farm) -> None:
     body = call(ai_farm.url, other, "digest", "summarize_notes", {"tag": "a"})
 
     assert body["result"]["structuredContent"] == {"summary": "", "count": 0}
+
+
+PROBER = Path(__file__).parent / "apps" / "prober.py"
+
+
+def test_another_owners_app_cannot_reach_the_callers_private_apps(ai_farm: Farm) -> None:
+    """A public app of someone else, called by the owner, cannot use ul.call on their apps."""
+    mallory = ai_farm.new_token("mallory@example.test")
+    ai_farm.cli("deploy", str(PROBER), "--name", "prober", "--public", token=mallory)
+    ai_farm.cli("visibility", "loop", "private")
+    body = call(ai_farm.url, ai_farm.token, "prober", "probe",
+                {"app": "loop", "function": "ask"})
+
+    text = body["result"]["structuredContent"]["result"]
+    assert text.startswith("refused:") and "may not call the private app 'loop'" in text

@@ -127,3 +127,37 @@ def _meta() -> dict[str, object]:
 def _modern(method: str) -> dict[str, str]:
     return {"Content-Type": "application/json", "Accept": "application/json",
             "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": method}
+
+
+@pytest.mark.parametrize(("schema", "phrase"), [
+    ({"type": "object", "properties": {"name": {"$ref": "http://127.0.0.1:9/leak"}}}, "'$ref'"),
+    ({"type": "object", "properties": {"name": {"type": "string", "pattern": "(a+)+$"}}},
+     "'pattern'"),
+    ({"type": "object", "properties": {"name": {"type": "nonsense"}}}, "not a valid JSON Schema"),
+    ({"type": "object", "properties": {"name": {"maxLength": "abc"}}}, "not a valid JSON Schema"),
+])
+def test_manifest_schemas_are_checked_at_deploy(farm: Farm, app_file: Path, tmp_path: Path,
+                                                schema: dict, phrase: str) -> None:
+    """References, regular expressions and invalid schemas are refused at deploy, not at call."""
+    manifest = tmp_path / "m.json"
+    manifest.write_bytes(orjson.dumps({"functions": {"hello": {"inputSchema": schema}}}))
+    result = farm.cli("deploy", str(app_file), "--name", "schema-check", "--manifest",
+                      str(manifest), check=False)
+
+    assert result.returncode == 1 and phrase in result.stderr
+
+
+def test_token_create_prints_only_the_token(farm: Farm) -> None:
+    """`export ULTRALIGHT_TOKEN=$(ultralight token create)` must work: stdout is the token."""
+    out = farm.cli("token", "create", "--email", "clean@example.test").stdout
+
+    assert out.count("\n") == 1 and out.startswith("ul_")
+
+
+def test_a_token_with_a_line_break_is_a_clear_error(farm: Farm, app_file: Path) -> None:
+    """A token pasted with a newline gives one line of explanation, not a traceback."""
+    result = farm.cli("deploy", str(app_file), "--name", "x", token=farm.token + "\nX",
+                      check=False)
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ULTRALIGHT_TOKEN" in result.stderr

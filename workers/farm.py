@@ -362,6 +362,9 @@ class SdkHandler:
         if self.services is None:
             raise DataError("ai is not available here")
         job = self.services.job
+        if job.shadow is not None:
+            raise DataError("ai: completions are not made during replays (they would spend "
+                            "the original caller's provider key)")
         completion = await self.services.ai.complete(
             messages, model, lambda provider: sealing.PROVIDER_KEYS.get(job.call_id, provider),
             max_tokens=max_tokens, temperature=temperature)

@@ -53,6 +53,8 @@ class CallJob:
     # How many app-to-app calls led here (0 for a call from a client), and through which apps.
     depth: int = 0
     chain: list[str] = dataclasses.field(default_factory=list)
+    # The apps the caller's token is limited to (None: not limited); app-to-app calls keep it.
+    caller_apps: list[str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,6 +69,9 @@ class NestedCaller:
         if not isinstance(app, str) or not isinstance(function, str) or not isinstance(
                 args, dict):
             raise NestedCallError("call: app and function must be strings, arguments keywords")
+        if job.shadow is not None:
+            raise NestedCallError("call: app-to-app calls are not made during replays (their "
+                                  "writes could not be kept out of live data)")
         chain = [*job.chain, job.app_name]
         if job.depth + 1 > self.settings.max_call_depth:
             raise NestedCallError(f"call: the chain {' -> '.join([*chain, app])} is deeper than "
@@ -77,7 +80,9 @@ class NestedCaller:
         if remaining <= 0:
             raise NestedCallError("call: no time is left before this call's deadline")
         token = seal_identity(self.keyring, {"user": job.user, "depth": job.depth + 1,
-                                             "chain": chain, "deadline": job.deadline - 0.5})
+                                             "chain": chain, "from_app": job.app_id,
+                                             "caller_apps": job.caller_apps,
+                                             "deadline": job.deadline - 0.5})
         assert self._session is not None
         url = f"{self.settings.gateway_url.rstrip('/')}/internal/call"
         try:
