@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +85,22 @@ def digest(value: Any) -> str:
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+MIN_MASKED = 4
+MASK = "[secret]"
+
+
+def mask(text: Any, secrets: list[str]) -> Any:
+    """The text with each secret value (and its JSON-escaped form) replaced."""
+    if not isinstance(text, str):
+        return text
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+        escaped = orjson.dumps(secret).decode()[1:-1]
+        if escaped != secret:
+            text = text.replace(escaped, MASK)
+    return text
+
+
 def capped(value: Any, cap: int) -> tuple[str, int, bool]:
     """JSON text of value, cut to ``cap`` bytes with a marker, and its original size."""
     text = orjson.dumps(value).decode()
@@ -125,13 +141,19 @@ class CallRecord:
     ai_usage: str | None = None
 
     @classmethod
-    def build(cls, *, args: dict[str, Any], value: Any, ok: bool, **fields: Any) -> CallRecord:
+    def build(cls, *, args: dict[str, Any], value: Any, ok: bool,
+              secrets: Iterable[str] = (), **fields: Any) -> CallRecord:
+        """A record with args and result capped, and the call's secret values masked."""
         args_text, args_size, args_cut = capped(args, ARGS_CAP)
         if ok:
             result_text, result_size, result_cut = capped(value, RESULT_CAP)
             result_digest: str | None = digest(value)
         else:
             result_text, result_size, result_cut, result_digest = None, 0, False, None
+        hidden = sorted({s for s in secrets if len(s) >= MIN_MASKED}, key=len, reverse=True)
+        if hidden:
+            args_text, result_text = mask(args_text, hidden), mask(result_text, hidden)
+            fields["error"] = mask(fields.get("error"), hidden)
         return cls(args=args_text, args_size=args_size, args_truncated=args_cut,
                    result=result_text, result_size=result_size, result_truncated=result_cut,
                    result_digest=result_digest, **fields)

@@ -18,7 +18,8 @@ class MissingSecrets(GatewayError):
 
 
 async def seal_call(gateway: Gateway, app: AppRecord, version: VersionRecord, user: User | None,
-                    call_id: str, caller_secrets: bool = True) -> str | None:
+                    call_id: str, caller_secrets: bool = True,
+                    reveal: list[str] | None = None) -> str | None:
     """The sealed payload for one call, or None when there is nothing to seal.
 
     ``caller_secrets=False`` (replays) seals the app's env vars only: the caller's own secrets
@@ -40,6 +41,9 @@ async def seal_call(gateway: Gateway, app: AppRecord, version: VersionRecord, us
     mine = {name: value for name, value in mine.items() if name in per_user}
     check_required(app, specs, env, mine, user if caller_secrets else None)
     payload = SealedPayload(env=env, secrets=mine, byok=byok)
+    if reveal is not None:
+        # The caller's own record of the call masks these values (the call log, for one).
+        reveal.extend([*env.values(), *mine.values(), *byok.values()])
     if payload.empty:
         return None
     return seal(gateway.farm_keys, payload, job_aad(call_id, app.id, user.id if user else None))

@@ -96,6 +96,8 @@ class Context:
     new_session: Session | None = None
     # Milliseconds spent per step before the call reached the farm, for Server-Timing.
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Values sealed into the call, masked wherever the platform records the call.
+    secret_values: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def principal(self) -> Principal | None:
@@ -561,7 +563,7 @@ async def run_tool(context: Context, tool: dict[str, Any], arguments: dict[str, 
     call_id = uuid.uuid4().hex
     try:
         sealed = await seal_call(context.gateway, context.app, context.version, context.user,
-                                 call_id)
+                                 call_id, reveal=context.secret_values)
     except MissingSecrets as exc:
         await context.gateway.gates.refund(admission.counted)
         return modern_result(context, error_result(str(exc)))
@@ -612,7 +614,7 @@ def record_call(context: Context, job: CallJob, reply: CallReply, elapsed_s: flo
     ops.metrics.observe(reply.outcome, elapsed_s)
     address = context.caller.address
     ops.calls.record(CallRecord.build(
-        args=job.args, value=reply.value, ok=reply.ok,
+        args=job.args, value=reply.value, ok=reply.ok, secrets=context.secret_values,
         request_id=job.call_id, at=time.time() - elapsed_s, app_id=job.app_id,
         app_name=job.app_name, version=job.version, code_hash=job.code_hash,
         function=job.function, user_id=context.user.id if context.user else None,

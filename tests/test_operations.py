@@ -297,3 +297,20 @@ def test_cli_status_without_redis_is_a_clear_error(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_call_log_masks_the_calls_secret_values(ops_farm: Farm) -> None:
+    """An app that returns or quotes its env var does not put the value in the call log."""
+    farm = ops_farm
+    farm.deploy(Path(__file__).parent / "apps" / "leaky.py", "leaky")
+    farm.cli("env", "set", "leaky", "API_KEY", "s3cr3t-value-7781")
+    shown = call(farm.url, farm.token, "leaky", "reveal", {})
+    call(farm.url, farm.token, "leaky", "fail_with_it", {})
+    wait_until(lambda: len(logged(farm, "leaky")) >= 2, 15, "calls were not logged")
+
+    text = farm.cli("logs", "leaky", "--json").stdout
+    assert shown["result"]["structuredContent"] == {"api_key": "s3cr3t-value-7781"}
+    assert "s3cr3t-value-7781" not in text and "[secret]" in text
+    with sqlite3.connect(farm.data_dir / "ultralight.db") as conn:
+        rows = conn.execute("SELECT result, error FROM call_log WHERE app_name = 'leaky'")
+        assert "s3cr3t-value-7781" not in str(rows.fetchall())
