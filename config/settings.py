@@ -81,6 +81,8 @@ class Settings:
     worker_metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     max_queue_depth: int = 1000
+    # Calls one caller (user, or address when anonymous) may have running at once; 0: no cap.
+    max_calls_in_flight_per_caller: int = 32
     call_log_retention_days: float = 30.0
 
     # Logs: "console" for people, "json" for machines.

@@ -8,10 +8,12 @@ Two eras share the endpoint. Requests carrying ``MCP-Protocol-Version: 2026-07-2
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import dataclasses
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -568,9 +570,33 @@ async def run_tool(context: Context, tool: dict[str, Any], arguments: dict[str, 
         await context.gateway.gates.refund(admission.counted)
         return modern_result(context, error_result(str(exc)))
     context.timing["seal"] = (time.perf_counter() - started) * 1000
-    reply = await dispatch(context, tool["name"], arguments, call_id, sealed)
+    async with in_flight(context, admission):
+        reply = await dispatch(context, tool["name"], arguments, call_id, sealed)
     is_owner = context.user is not None and context.user.id == context.app.owner_id
     return modern_result(context, tool_result(tool, reply, with_logs=is_owner))
+
+
+@contextlib.asynccontextmanager
+async def in_flight(context: Context, admission: Admission) -> AsyncIterator[None]:
+    """Hold one of the caller's running-call slots, so one caller cannot fill every worker."""
+    cap = context.gateway.settings.max_calls_in_flight_per_caller
+    if not cap:
+        yield
+        return
+    key = f"ultralight:inflight:{context.caller.who}"
+    async with context.gateway.redis.pipeline(transaction=False) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, int(context.gateway.settings.max_call_timeout_s) + 60)
+        running, _ = await pipe.execute()
+    try:
+        if running > cap:
+            await context.gateway.gates.refund(admission.counted)
+            raise RpcFailure(LIMITED, f"you already have {cap} calls running; wait for one to "
+                             "finish", 429, headers={"Retry-After": "1"},
+                             data={"reason": "too_many_running", "retry_after_s": 1})
+        yield
+    finally:
+        await asyncio.shield(context.gateway.redis.decr(key))
 
 
 async def dispatch(context: Context, function: str, arguments: dict[str, Any], call_id: str,

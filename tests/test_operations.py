@@ -314,3 +314,28 @@ def test_the_call_log_masks_the_calls_secret_values(ops_farm: Farm) -> None:
     with sqlite3.connect(farm.data_dir / "ultralight.db") as conn:
         rows = conn.execute("SELECT result, error FROM call_log WHERE app_name = 'leaky'")
         assert "s3cr3t-value-7781" not in str(rows.fetchall())
+
+
+def test_one_caller_cannot_fill_every_worker(redis_server: RedisServer) -> None:
+    """Past the per-caller cap of running calls a caller gets 429; another caller still runs."""
+    farm = start_farm(redis_server.url, settings={
+        "ULTRALIGHT_MAX_CALLS_IN_FLIGHT_PER_CALLER": "2", "ULTRALIGHT_CALL_TIMEOUT_S": "20"})
+    try:
+        farm.deploy(MISBEHAVING, "busy", "--public")
+        other = farm.new_token("patient@example.test")
+        hogs = [threading.Thread(target=call, args=(farm.url, farm.token, "busy",
+                                                     "count_and_sleep", {"seconds": 3}))
+                for _ in range(2)]
+        for thread in hogs:
+            thread.start()
+        time.sleep(1.0)
+        third = _raw_call(farm, "busy", "double", {"x": 1})
+        bystander = call(farm.url, other, "busy", "double", {"x": 2})
+        for thread in hogs:
+            thread.join(30)
+    finally:
+        farm.stop()
+
+    assert third.status_code == 429 and third.headers["Retry-After"] == "1"
+    assert third.json()["error"]["data"]["reason"] == "too_many_running"
+    assert bystander["result"]["structuredContent"] == {"result": 4}
