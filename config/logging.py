@@ -54,8 +54,10 @@ def configure_logging(settings: Settings) -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer,
-                    redact],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    *([] if settings.log_format == "console"
+                      else [structlog.processors.format_exc_info]),
+                    renderer, redact],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)

@@ -106,6 +106,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    source_tree = Path(__file__).resolve().parent.parent
+    if (source_tree / "bench" / "__init__.py").exists() and str(source_tree) not in sys.path:
+        sys.path.insert(0, str(source_tree))
     try:
         import bench
     except ImportError:

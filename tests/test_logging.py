@@ -27,3 +27,15 @@ def test_a_library_quoting_a_raw_header_is_redacted(capsys: pytest.CaptureFixtur
         "Error handling request: b'Authorization: Bearer ul_abcdefghijklmnopqrstuvwx'")
 
     assert "ul_abcdefghij" not in capsys.readouterr().err
+
+
+def test_json_lines_keep_the_traceback_of_a_logged_exception(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception logged with exception() arrives with its stack in the JSON line."""
+    configure_logging(Settings.from_env({}, log_format="json"))
+    try:
+        raise KeyError("boom")
+    except KeyError:
+        logging.getLogger("gateway.app").exception("request_crashed")
+
+    assert "KeyError" in capsys.readouterr().err

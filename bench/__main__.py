@@ -1,0 +1,5 @@
+"""``python -m bench [--quick] [--tiny] [--out DIR]``."""
+
+from bench import main
+
+raise SystemExit(main())
