@@ -158,6 +158,9 @@ def start_farm(redis_url: str, *, workers: int = 1, gateways: int = 1,
         "ULTRALIGHT_DATA_DIR": str(data_dir),
         "ULTRALIGHT_REDIS_URL": redis_url,
         "ULTRALIGHT_QUEUE_NAME": f"ultralight:test:{data_dir.name}",
+        "ULTRALIGHT_REPLAY_QUEUE_NAME": f"ultralight:test-replays:{data_dir.name}",
+        # Workers drain for at most this long on SIGTERM; tests stop farms quickly.
+        "ULTRALIGHT_MAX_CALL_TIMEOUT_S": "30",
         "ULTRALIGHT_LOG_FORMAT": "json",
         "PYTHONPATH": str(REPO),
         **(settings or {}),
@@ -167,13 +170,17 @@ def start_farm(redis_url: str, *, workers: int = 1, gateways: int = 1,
                             "owner@example.test"], env=env, text=True, capture_output=True,
                            check=True).stdout.strip()
     farm.token = token
-    for _ in range(gateways):
-        farm.add_gateway()
-    if farm.gateways:
-        farm.env.setdefault("ULTRALIGHT_GATEWAY_URL", farm.url)
-    for _ in range(workers):
-        farm.add_worker()
-    wait_until(lambda: _workers_up(farm, workers), 30, "workers did not start")
+    try:
+        for _ in range(gateways):
+            farm.add_gateway()
+        if farm.gateways:
+            farm.env.setdefault("ULTRALIGHT_GATEWAY_URL", farm.url)
+        for _ in range(workers):
+            farm.add_worker()
+        wait_until(lambda: _workers_up(farm, workers), 30, "workers did not start")
+    except BaseException:
+        farm.stop()  # a farm that did not come up must not leave processes behind
+        raise
     return farm
 
 

@@ -34,18 +34,23 @@ def isolation(farm: Farm) -> dict[str, Any]:
     return {}
 
 
-@pytest.fixture(scope="module")
-def hostile_farm(redis_server: RedisServer) -> Iterator[Farm]:
+@pytest.fixture(scope="module", params=["zygote", "fresh"])
+def hostile_farm(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Farm]:
+    """A worker in each sandbox mode: calls forked from zygotes, and a bwrap start per call."""
     if shutil.which("bwrap") is None or shutil.which("unshare") is None:
         pytest.skip("bubblewrap and unshare are needed for hostile-app tests")
     farm = start_farm(redis_server.url, workers=0, settings={
         "ULTRALIGHT_CALL_TIMEOUT_S": "4", "ULTRALIGHT_SANDBOX_CPU_S": "3",
         "ULTRALIGHT_SANDBOX_MEMORY_MB": "512", "ULTRALIGHT_SANDBOX_MAX_PROCESSES": "32",
         "ULTRALIGHT_WORKER_CONCURRENCY": "6", "ULTRALIGHT_SANDBOX_WARM": "2",
+        "ULTRALIGHT_SANDBOX_MODE": request.param,
     })
-    wrap = ("unshare", "--pid", "--fork", "--mount-proc") if os.geteuid() == 0 else ()
+    wrap = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc") if os.geteuid() == 0 else ()
     farm.add_worker(wrap=wrap)
     wait_until(lambda: '"worker_started"' in farm.logs(), 30, "the worker did not start")
+    if isolation(farm).get("mode") != request.param:
+        farm.stop()
+        pytest.skip(f"{request.param} sandboxes are not available here")
     farm.deploy(HOSTILE, "hostile")
     yield farm
     farm.stop()
