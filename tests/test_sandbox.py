@@ -1,13 +1,25 @@
-"""The sandbox: one fresh interpreter per call, rlimits, and an outcome for every kind of end."""
+"""The sandbox: an isolated interpreter per call, rlimits, and an outcome for every kind of end.
+
+Every test runs against both kinds of sandbox: a fresh interpreter per call (without namespaces
+here, so that it runs anywhere) and a call forked from a slot's zygote (bubblewrap, a uid and a
+cgroup of its own: root only).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from workers.jail import Slot, allocate_slots, make_jail, release_slots
 from workers.pool import SandboxPool
-from workers.sandbox import CallInput, CallResult, Limits, Outcome, SandboxProcess
+from workers.sandbox import CallInput, CallResult, Limits, Outcome, Sandbox, SandboxProcess
+from workers.zygote import Zygotes
+
+Spawn = Callable[[Limits], Awaitable[Sandbox]]
 
 APP = '''
 import os, resource, signal, sys
@@ -71,6 +83,57 @@ def store_it(key: str):
 '''
 
 LIMITS = Limits(cpu_s=2, memory_mb=256, max_file_mb=1)
+SLOT_MEMORY_MB = 512
+
+
+def zygote_slots(count: int, memory_mb: int = SLOT_MEMORY_MB) -> list[Slot]:
+    """Slots a zygote can run in (a uid and a cgroup each), or skip the test."""
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        pytest.skip("zygote sandboxes need root (a uid per slot) and bubblewrap")
+    slots = allocate_slots(count, 640_000, memory_mb * 1024 * 1024, 32, use_uids=True)
+    if any(slot.cgroup is None for slot in slots):
+        release_slots(slots)
+        pytest.skip("zygote sandboxes need writable memory and pids cgroups")
+    return slots
+
+
+@pytest.fixture(params=["fresh", "zygote"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Which kind of sandbox the test runs against."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def spawn(kind: str) -> AsyncIterator[Spawn]:
+    """Starts a sandbox of the kind under test, ready for its call."""
+    if kind == "fresh":
+        async def fresh(limits: Limits) -> Sandbox:
+            sandbox = SandboxProcess(limits)
+            await sandbox.start()
+            return sandbox
+
+        yield fresh
+        return
+    slots = zygote_slots(1)
+    zygotes = Zygotes(make_jail("bwrap", "", 16))
+
+    async def forked(limits: Limits) -> Sandbox:
+        return await zygotes.spawn(limits, slots[0])
+
+    try:
+        yield forked
+    finally:
+        await zygotes.close()
+        release_slots(slots)
+
+
+@pytest.fixture(autouse=True)
+def _use(spawn: Spawn) -> None:
+    global SPAWN
+    SPAWN = spawn
+
+
+SPAWN: Spawn
 
 
 async def run(function: str, args: dict[str, Any] | None = None, timeout_s: float = 10,
@@ -78,10 +141,12 @@ async def run(function: str, args: dict[str, Any] | None = None, timeout_s: floa
     async def refuse(op: str, payload: dict[str, Any]) -> Any:
         raise AssertionError(f"unexpected SDK request {op}")
 
-    sandbox = SandboxProcess(limits)
-    await sandbox.start()
-    return await sandbox.run(CallInput(APP, function, args or {}, **call), timeout_s,
-                             handler or refuse)
+    sandbox = await SPAWN(limits)
+    try:
+        return await sandbox.run(CallInput(APP, function, args or {}, **call), timeout_s,
+                                 handler or refuse)
+    finally:
+        await sandbox.reclaim()
 
 
 async def test_a_result_and_its_logs_come_back() -> None:
@@ -205,9 +270,14 @@ async def test_the_caller_is_visible_as_ul_user() -> None:
     assert (await run("who", user=user)).value == user
 
 
-async def test_pool_hands_out_warm_sandboxes_once_each() -> None:
+async def test_pool_hands_out_warm_sandboxes_once_each(kind: str) -> None:
     """A pooled sandbox is started ahead, used once, and replaced."""
-    pool = SandboxPool(LIMITS, size=2)
+    if kind == "fresh":
+        pool = SandboxPool(LIMITS, size=2)
+    else:
+        slots = zygote_slots(5)  # as a worker sizes it: calls at once + warm + 1
+        jail = make_jail("bwrap", "", 16)
+        pool = SandboxPool(LIMITS, size=2, jail=jail, slots=slots, zygotes=Zygotes(jail))
     pool.fill()
     try:
         first = await pool.acquire()
@@ -215,7 +285,11 @@ async def test_pool_hands_out_warm_sandboxes_once_each() -> None:
         assert first is not second
         one = await first.run(CallInput(APP, "add", {"a": 1}), 10, None)  # type: ignore[arg-type]
         two = await second.run(CallInput(APP, "add", {"a": 2}), 10, None)  # type: ignore[arg-type]
+        await pool.retire(first)
+        await pool.retire(second)
     finally:
         await pool.close()
+        if kind == "zygote":
+            release_slots(slots)
 
     assert (one.value, two.value) == (3, 4)

@@ -7,12 +7,14 @@ every process the call starts. A worker holds as many slots as it can run sandbo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import enum
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -62,9 +64,27 @@ class Jail:
         return [*self.bwrap_prefix(), "/usr/bin/python3", "-I", "-S", "-B", script, limits_json,
                 str(request_fd), str(reply_fd)]
 
-    def bwrap_prefix(self) -> list[str]:
-        argv = [
-            "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+    def zygote_command(self, control_fd: int) -> list[str]:
+        """The fork server of one slot: see sdk/runtime/_ul_zygote.py."""
+        return [*self.bwrap_prefix(zygote=True), "/usr/bin/python3", "-I", "-S", "-B",
+                f"{SANDBOX_RUNTIME}/_ul_zygote.py", str(control_fd)]
+
+    def bwrap_prefix(self, zygote: bool = False) -> list[str]:
+        """bubblewrap's arguments for a sandbox, or for a slot's zygote.
+
+        A zygote keeps the right to create user namespaces, since each call it forks needs one
+        of its own (each call then forbids any further one itself), and CAP_SYS_ADMIN in its own
+        user namespace, to give each call a PID, mount and IPC namespace. Its root and /dev are
+        read-only and it has no /tmp of its own: every call mounts a fresh /tmp and /dev/shm, so
+        nothing a call writes outlives it.
+        """
+        argv = ["bwrap", "--unshare-all", "--unshare-user"]
+        if zygote:
+            # Within its own user namespace only: to make each call's PID namespace.
+            argv += ["--cap-add", "CAP_SYS_ADMIN"]
+        else:
+            argv.append("--disable-userns")
+        argv += [
             "--die-with-parent", "--new-session",
             "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
             "--ro-bind", "/usr/lib", "/usr/lib", "--symlink", "usr/lib", "/lib",
@@ -76,11 +96,14 @@ class Jail:
         argv += ["--ro-bind", self.python, "/usr/bin/python3"]
         for hidden in self._site_packages():
             argv += ["--tmpfs", hidden, "--remount-ro", hidden]
+        argv += ["--ro-bind", str(self.runtime_dir), SANDBOX_RUNTIME, "--proc", "/proc",
+                 "--dev", "/dev"]
+        if zygote:
+            argv += ["--dir", "/tmp", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/"]
+        else:
+            argv += ["--size", str(self.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp", "--chdir", "/tmp"]
         argv += [
-            "--ro-bind", str(self.runtime_dir), SANDBOX_RUNTIME,
-            "--proc", "/proc", "--dev", "/dev",
-            "--size", str(self.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
-            "--chdir", "/tmp", "--clearenv",
+            "--clearenv",
             "--setenv", "PATH", "/usr/bin", "--setenv", "LANG", "C.UTF-8",
             "--setenv", "HOME", "/tmp",
             # Per-thread malloc arenas would spend the address-space limit on reservations.
@@ -151,7 +174,7 @@ def probe(jail: Jail, slot: Slot) -> None:
     argv = [*jail.bwrap_prefix(), "/usr/bin/python3", "-I", "-S", "-c", "print('ok')"]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=20,
-                              **slot.popen_user())
+                              **slot.popen_user())  # type: ignore[call-overload]
     except (OSError, subprocess.SubprocessError) as exc:
         raise JailError(f"bubblewrap could not start: {exc}") from exc
     if done.returncode != 0 or done.stdout.strip() != "ok":
@@ -164,58 +187,89 @@ def probe(jail: Jail, slot: Slot) -> None:
 
 @dataclasses.dataclass
 class Cgroup:
-    """A memory and pids cgroup (v1 controllers or one v2 group) for one slot's process tree."""
+    """A memory and pids cgroup (v1 controllers or one v2 group) for one slot's process tree.
+
+    Processes always move into every controller together, so the pids controller's list names
+    them all. Files are read and written with bare system calls: these run for every call.
+    """
 
     version: int
     paths: dict[str, Path]
 
+    def __post_init__(self) -> None:
+        self._procs_files = [str(p / "cgroup.procs") for p in dict.fromkeys(self.paths.values())]
+        self._list_file = str(self.paths["pids"] / "cgroup.procs")
+        if self.version == 1:
+            self._memory_file = str(self.paths["memory"] / "memory.failcnt")
+        else:
+            self._memory_file = str(self.paths["memory"] / "memory.events")
+        self._pids_file = str(self.paths["pids"] / "pids.events")
+
     def add(self, pid: int) -> None:
-        for path in self.paths.values():
-            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                (path / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            self.enter(pid)
+
+    def enter(self, pid: int) -> None:
+        """Move one process in: what it starts afterwards is born inside."""
+        for path in self._procs_files:
+            _write_file(path, str(pid))
 
     def pids(self) -> list[int]:
-        found: set[int] = set()
-        for path in self.paths.values():
-            with contextlib.suppress(OSError):
-                found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
-        return sorted(found)
+        try:
+            return [int(p) for p in _read_file(self._list_file).split()]
+        except OSError:
+            return []
+
+    def signal_all(self, signum: int) -> int:
+        """Send a signal to every process in the group once; how many there were."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        return len(pids)
+
+    async def drain(self, timeout_s: float = 2.0) -> bool:
+        """Like ``kill_all``, without blocking the event loop; False if something lingers."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0005
+        while self.signal_all(signal.SIGKILL):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        return True
 
     def kill_all(self, timeout_s: float = 2.0) -> bool:
         """SIGKILL everything in the group until it is empty; False if something lingers."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            pids = self.pids()
-            if not pids:
-                return True
+        while self.signal_all(signal.SIGKILL):
             if time.monotonic() > deadline:
                 return False
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.005)
+        return True
 
-    def reset_counters(self) -> None:
-        if self.version == 1:
-            with contextlib.suppress(OSError):
-                (self.paths["memory"] / "memory.failcnt").write_text("0")
+    def counters(self) -> tuple[int, int]:
+        """How often the group has hit its memory and its pids limit so far."""
+        return self._memory_failures(), self.pids_events()
 
-    def hit_memory_limit(self) -> bool:
-        with contextlib.suppress(OSError, ValueError):
+    def _memory_failures(self) -> int:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = _read_file(self._memory_file)
             if self.version == 1:
-                return int((self.paths["memory"] / "memory.failcnt").read_text()) > 0
-            events = (self.paths["memory"] / "memory.events").read_text()
-            return any(line.split()[1] != "0" for line in events.splitlines()
-                       if line.startswith(("oom_kill", "max")))
-        return False
+                return int(text)
+            return sum(int(line.split()[1]) for line in text.splitlines()
+                       if line.startswith(("oom_kill ", "max ")))
+        return 0
+
+    def hit_memory_limit(self, before: int) -> bool:
+        return self._memory_failures() > before
 
     def hit_pids_limit(self, before: int) -> bool:
         return self.pids_events() > before
 
     def pids_events(self) -> int:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            events = (self.paths["pids"] / "pids.events").read_text().split()
-            return int(events[1])
+            return int(_read_file(self._pids_file).split()[1])
         return 0
 
     def remove(self) -> None:
@@ -223,6 +277,22 @@ class Cgroup:
         for path in self.paths.values():
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+def _read_file(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65_536).decode()
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _own_cgroup(controller: str) -> str | None:
@@ -293,6 +363,7 @@ def allocate_slots(count: int, uid_base: int, memory_bytes: int, pids_max: int,
     can_switch = use_uids and os.geteuid() == 0
     lock_dir = Path(tempfile.gettempdir()) / "ultralight-slots"
     lock_dir.mkdir(mode=0o700, exist_ok=True)
+    instance = secrets.token_hex(4)
     slots: list[Slot] = []
     candidate = uid_base
     while len(slots) < count:
@@ -300,7 +371,10 @@ def allocate_slots(count: int, uid_base: int, memory_bytes: int, pids_max: int,
         if can_switch:
             uid, fd = _lock_uid(lock_dir, candidate, uid_base + 100_000)
             candidate = uid + 1
-        name = f"ultralight-{os.getpid()}-{len(slots)}"
+        # Named after the slot's uid, which this process holds alone on this machine; a pid
+        # is not unique where workers run as pid 1 of their own PID namespaces.
+        name = (f"ultralight-uid-{uid}" if uid is not None
+                else f"ultralight-{os.getpid()}-{instance}-{len(slots)}")
         slots.append(Slot(len(slots), uid, create_cgroup(name, memory_bytes, pids_max), fd))
     return slots
 
@@ -325,16 +399,45 @@ def release_slots(slots: list[Slot]) -> None:
             os.close(slot.lock_fd)
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (any of its threads), from /proc."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def reap_orphaned_inits() -> int:
+    """Reap dead pid-1 processes of sandboxes that were left to this process; how many.
+
+    bubblewrap's outer process exits as soon as its sandbox's pid 1 reports, before that pid 1
+    is gone; if this process is a subreaper or pid 1 itself, the orphan is reparented here and
+    stays a zombie (holding a slot in its pids cgroup) until reaped. Only zombies started in a
+    nested PID namespace are reaped: this process's own children belong to asyncio.
+    """
+    reaped = 0
+    for pid in children(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (OSError, IndexError):
+            continue
+        levels = status.split("NSpid:", 1)[-1].split("\n", 1)[0].split()
+        if len(levels) >= 2:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+                reaped += 1
+    return reaped
+
+
 def descendants(pid: int) -> list[int]:
     """pid and every process below it, from /proc."""
     found, frontier = [pid], [pid]
     while frontier:
-        current = frontier.pop()
-        children: list[int] = []
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    children += [int(c) for c in (task / "children").read_text().split()]
-        found += children
-        frontier += children
+        below = children(frontier.pop())
+        found += below
+        frontier += below
     return found

@@ -1,4 +1,9 @@
-"""Run one call in a fresh, rlimit-capped interpreter and serve its SDK requests over a pipe."""
+"""Run one call in an isolated, rlimit-capped interpreter and serve its SDK requests over a pipe.
+
+Two kinds of sandbox speak the same protocol with the in-sandbox runtime: ``SandboxProcess``
+starts a fresh interpreter per call (under bubblewrap in production), and
+``workers.zygote.ZygoteSandbox`` is forked from its slot's warm, already isolated fork server.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +22,15 @@ import orjson
 import structlog
 
 from workers import WorkerError
-from workers.jail import Isolation, Jail, Slot, descendants, install_runtime
+from workers.jail import Isolation, Jail, Slot, descendants, install_runtime, reap_orphaned_inits
 
 log = structlog.get_logger(__name__)
 
 # Output beyond the kept logs is drained; this many times the cap ends the call as runaway output.
 RUNAWAY_OUTPUT_FACTOR = 16
 START_TIMEOUT_S = 10.0
+# How long a killed call's output pipes may take to close.
+COLLECT_TIMEOUT_S = 5.0
 MAX_RESULT_DEPTH = 64
 # SDK requests of one call served at once; more wait until one is answered.
 MAX_PENDING_REQUESTS = 64
@@ -34,6 +41,10 @@ Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 class SandboxError(WorkerError):
     """The sandbox could not be started."""
+
+
+class RunawayOutput(SandboxError):
+    """Raised into a call's channel reader once the call's output runs away."""
 
 
 class Outcome(enum.StrEnum):
@@ -58,14 +69,18 @@ class Limits:
     max_output_bytes: int = 65_536
     max_result_bytes: int = 5 * 1024 * 1024
 
-    def runtime_argument(self) -> str:
-        return orjson.dumps({
+    def runtime_limits(self) -> dict[str, int]:
+        """The rlimits as the in-sandbox runtime's ``set_limits`` takes them."""
+        return {
             "cpu_s": self.cpu_s,
             "memory_bytes": self.memory_mb * 1024 * 1024,
             "max_files": self.max_files,
             "max_file_bytes": self.max_file_mb * 1024 * 1024,
             "max_processes": self.max_processes,
-        }).decode()
+        }
+
+    def runtime_argument(self) -> str:
+        return orjson.dumps(self.runtime_limits()).decode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +109,23 @@ class CallResult:
 class _Output:
     """Collects a capped copy of stdout and stderr while draining all of it."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, on_runaway: Callable[[], None]) -> None:
         self.cap = cap
         self.kept = bytearray()
         self.total = 0
-        self.runaway = asyncio.Event()
+        self.on_runaway = on_runaway
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.cap - len(self.kept)
+        if room > 0:
+            self.kept += chunk[:room]
+        if self.total > self.cap * RUNAWAY_OUTPUT_FACTOR:
+            self.on_runaway()
 
     async def drain(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(65_536):
-            self.total += len(chunk)
-            room = self.cap - len(self.kept)
-            if room > 0:
-                self.kept += chunk[:room]
-            if self.total > self.cap * RUNAWAY_OUTPUT_FACTOR:
-                self.runaway.set()
+            self.feed(chunk)
 
     def text(self) -> str:
         text = self.kept.decode("utf-8", errors="replace")
@@ -116,73 +134,52 @@ class _Output:
         return text
 
 
-class SandboxProcess:
-    """One interpreter, started ahead of its call and used for exactly one call."""
+class Sandbox:
+    """One call's sandbox: started ahead of its call, used once, then killed and reclaimed.
 
-    def __init__(self, limits: Limits, jail: Jail | None = None, slot: Slot | None = None
-                 ) -> None:
+    Subclasses say how the runtime gets started and stopped; the conversation with it (JSON lines
+    on two pipes, see sdk/runtime/_ul_runtime.py) and how each kind of end is reported are here.
+    """
+
+    def __init__(self, limits: Limits, slot: Slot | None) -> None:
         self.limits = limits
-        self.jail = jail or Jail(Isolation.PROCESS, sys.executable, install_runtime())
         self.slot = slot
-        self._pids_events = 0
-        self._proc: asyncio.subprocess.Process | None = None
-        self._to_child: int | None = None
+        # The slot cgroup's memory and pids limit counters when the call was handed over.
+        self._counters = (0, 0)
         self._writer: asyncio.WriteTransport | None = None
         self._reader: asyncio.StreamReader | None = None
         self._read_transport: asyncio.BaseTransport | None = None
-        self._output = _Output(limits.max_output_bytes)
-        self._drains: list[asyncio.Task[None]] = []
+        self._output = _Output(limits.max_output_bytes, self._stop_reading)
 
     async def start(self) -> None:
-        """Start the interpreter and wait until it has imported the SDK."""
-        child_in, self._to_child = os.pipe()
-        from_child, child_out = os.pipe()
-        try:
-            argv = self.jail.command(self.limits.runtime_argument(), child_in, child_out)
-            user = self.slot.popen_user() if self.slot and self.jail.level is Isolation.BWRAP else {}
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(child_in, child_out),
-                start_new_session=True,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"},
-                limit=self.limits.max_result_bytes + 1024,
-                **user,  # type: ignore[arg-type]
-            )
-        except OSError as exc:
-            raise SandboxError(f"cannot start a sandbox: {exc}") from exc
-        finally:
-            os.close(child_in)
-            os.close(child_out)
-        self._reader = await self._pipe_reader(from_child)
-        self._writer = await self._pipe_writer(self._to_child)
-        self._to_child = None  # owned by the transport now
-        assert self._proc.stdout is not None and self._proc.stderr is not None
-        self._drains = [
-            asyncio.create_task(self._output.drain(self._proc.stdout)),
-            asyncio.create_task(self._output.drain(self._proc.stderr)),
-        ]
-        try:
-            ready = await asyncio.wait_for(self._reader.readline(), START_TIMEOUT_S)
-        except (asyncio.TimeoutError, ValueError) as exc:
-            await self.kill()
-            raise SandboxError("the sandbox did not start in time") from exc
-        if not ready:
-            await self.kill()
-            await asyncio.gather(*self._drains, return_exceptions=True)
-            raise SandboxError(f"the sandbox failed to start: {self._output.text().strip()}")
-        self._enter_cgroup()
+        """Start the runtime and wait until it says it is ready for its call."""
+        raise NotImplementedError
 
-    def _enter_cgroup(self) -> None:
-        """Move the started tree into the slot's cgroup before any app code can fork."""
-        if self.slot is None or self.slot.cgroup is None or self._proc is None:
+    async def kill(self) -> None:
+        """Kill every process of the call now, without waiting for the slot to empty."""
+        raise NotImplementedError
+
+    async def reclaim(self) -> None:
+        """Wait until nothing of the call is left in its slot, killing what lingers."""
+        group = self.slot.cgroup if self.slot else None
+        if group is not None and not await group.drain():
+            log.warning("sandbox_processes_linger", slot=self.slot.index if self.slot else None)
+
+    async def _exit_code(self) -> int | None:
+        """How the call's process ended: its status, minus the signal that killed it, or None."""
+        raise NotImplementedError
+
+    async def _collect_output(self) -> None:
+        """Wait until what the call wrote to stdout and stderr has been read."""
+        raise NotImplementedError
+
+    def _enter_cgroup(self, pids: list[int]) -> None:
+        """Put the call's processes in the slot's cgroup before any app code can fork."""
+        if self.slot is None or self.slot.cgroup is None:
             return
-        for pid in descendants(self._proc.pid):
+        for pid in pids:
             self.slot.cgroup.add(pid)
-        self.slot.cgroup.reset_counters()
-        self._pids_events = self.slot.cgroup.pids_events()
+        self._counters = self.slot.cgroup.counters()
 
     async def _pipe_reader(self, fd: int) -> asyncio.StreamReader:
         loop = asyncio.get_running_loop()
@@ -200,6 +197,17 @@ class SandboxProcess:
         )
         return transport  # type: ignore[return-value]
 
+    def _stop_reading(self) -> None:
+        """Runaway output: the next (or pending) read of the call's channel ends the call."""
+        if self._reader is not None and self._reader.exception() is None:
+            self._reader.set_exception(RunawayOutput())
+
+    def _close_channel(self) -> None:
+        if self._writer is not None:
+            if not self._writer.is_closing():
+                self._writer.abort()
+            self._writer = None
+
     def _send(self, message: dict[str, Any]) -> None:
         """Queue one line for the sandbox; never blocks, even if the sandbox stops reading."""
         if self._writer is None or self._writer.is_closing():
@@ -209,17 +217,18 @@ class SandboxProcess:
             raise BrokenPipeError("the sandbox stopped reading its replies")
 
     async def run(self, call: CallInput, timeout_s: float, handler: Handler) -> CallResult:
-        """Send the call, serve SDK requests until the result, and always clean up."""
+        """Send the call, serve SDK requests until the result, and always kill the call."""
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self._converse(call, handler), timeout=timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                result = await self._converse(call, handler)
+        except TimeoutError:
             result = CallResult(Outcome.TIMEOUT, error=f"the call ran longer than {timeout_s:g} s "
                                 "and was stopped")
         finally:
             await self.kill()
         result = self._tree_limits(result)
-        await asyncio.gather(*self._drains, return_exceptions=True)
+        await self._collect_output()
         result.logs = self._output.text()
         result.elapsed_ms = (time.perf_counter() - started) * 1000
         return result
@@ -229,11 +238,11 @@ class SandboxProcess:
         group = self.slot.cgroup if self.slot else None
         if group is None or result.outcome in (Outcome.OK, Outcome.TIMEOUT):
             return result
-        if group.hit_memory_limit():
+        if group.hit_memory_limit(self._counters[0]):
             return CallResult(Outcome.MEMORY_LIMIT, error=(
                 f"the call's processes used more than {self.limits.memory_mb} MB together "
                 "and were stopped"))
-        if group.hit_pids_limit(self._pids_events):
+        if group.hit_pids_limit(self._counters[1]):
             return CallResult(Outcome.PROCESS_LIMIT, error=(
                 f"the call tried to run more than {self.limits.max_processes} processes or "
                 f"threads at once ({result.error})"))
@@ -246,11 +255,10 @@ class SandboxProcess:
                         "args": call.args, "user": call.user, "env": call.env})
         except OSError:
             return await self._ended()
-        runaway = asyncio.create_task(self._output.runaway.wait())
         serving: set[asyncio.Task[None]] = set()
         try:
             while True:
-                message = await self._next_message(runaway)
+                message = await self._next_message()
                 if isinstance(message, CallResult):
                     return message
                 if message.get("op") in {"result", "error"}:
@@ -263,22 +271,18 @@ class SandboxProcess:
         except BrokenPipeError as exc:
             return CallResult(Outcome.CRASH, error=f"the call broke its channel: {exc}")
         finally:
-            runaway.cancel()
             for task in serving:
                 task.cancel()
 
-    async def _next_message(self, runaway: asyncio.Task[Any]) -> dict[str, Any] | CallResult:
+    async def _next_message(self) -> dict[str, Any] | CallResult:
         """The sandbox's next line as a message, or the result its absence means."""
         assert self._reader is not None
-        line_task = asyncio.create_task(self._reader.readline())
-        done, _ = await asyncio.wait({line_task, runaway}, return_when=asyncio.FIRST_COMPLETED)
-        if runaway in done:
-            line_task.cancel()
+        try:
+            line = await self._reader.readline()
+        except RunawayOutput:
             return CallResult(Outcome.OUTPUT_LIMIT, error=(
                 f"the call wrote more than {self._output.cap * RUNAWAY_OUTPUT_FACTOR} "
                 "bytes of output and was stopped"))
-        try:
-            line = line_task.result()
         except ValueError:
             return CallResult(Outcome.OUTPUT_LIMIT, error=(
                 f"the result is larger than {self.limits.max_result_bytes} bytes"))
@@ -304,13 +308,9 @@ class SandboxProcess:
 
     async def _ended(self) -> CallResult:
         """The sandbox closed its pipe without a result: say how it ended."""
-        assert self._proc is not None
-        try:
-            code = await asyncio.wait_for(self._proc.wait(), 2.0)
-        except asyncio.TimeoutError:
+        code = await self._exit_code()
+        if code is None:
             return CallResult(Outcome.CRASH, error="the call closed its channel without a result")
-        if code > 128 and self.jail.level is Isolation.BWRAP:
-            code = 128 - code  # bubblewrap's init reports a signal death as 128 + signal
         if code == -signal.SIGXCPU:
             return CallResult(Outcome.CPU_LIMIT, error=(
                 f"the call used more than {self.limits.cpu_s} s of CPU time and was stopped"))
@@ -320,27 +320,116 @@ class SandboxProcess:
         return CallResult(Outcome.CRASH, error=f"the call exited with status {code} before "
                           "returning a result")
 
+
+class SandboxProcess(Sandbox):
+    """A fresh interpreter per call: bubblewrap's own start-up is the isolation."""
+
+    def __init__(self, limits: Limits, jail: Jail | None = None, slot: Slot | None = None
+                 ) -> None:
+        super().__init__(limits, slot)
+        self.jail = jail or Jail(Isolation.PROCESS, sys.executable, install_runtime())
+        self._proc: asyncio.subprocess.Process | None = None
+        self._to_child: int | None = None
+        self._drains: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the interpreter and wait until it has imported the SDK."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.kill()  # also when cancelled: nothing of a half-started sandbox may stay
+            raise
+
+    async def _start(self) -> None:
+        child_in, self._to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        try:
+            argv = self.jail.command(self.limits.runtime_argument(), child_in, child_out)
+            bwrap = self.slot is not None and self.jail.level is Isolation.BWRAP
+            user = self.slot.popen_user() if bwrap and self.slot else {}
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(child_in, child_out),
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_ARENA_MAX": "2"},
+                limit=self.limits.max_result_bytes + 1024,
+                **user,  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            os.close(from_child)
+            raise SandboxError(f"cannot start a sandbox: {exc}") from exc
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        self._reader = await self._pipe_reader(from_child)
+        self._writer = await self._pipe_writer(self._to_child)
+        self._to_child = None  # owned by the transport now
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._drains = [
+            asyncio.create_task(self._output.drain(self._proc.stdout)),
+            asyncio.create_task(self._output.drain(self._proc.stderr)),
+        ]
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                ready = await self._reader.readline()
+        except (TimeoutError, ValueError, RunawayOutput) as exc:
+            raise SandboxError("the sandbox did not start in time") from exc
+        if not ready:
+            await self.kill()
+            await self._collect_output()
+            raise SandboxError(f"the sandbox failed to start: {self._output.text().strip()}")
+        # Nothing in the sandbox forks until its call arrives, so the tree is complete here.
+        self._enter_cgroup(descendants(self._proc.pid))
+
+    async def reclaim(self) -> None:
+        reap_orphaned_inits()
+        await super().reclaim()
+
+    async def _exit_code(self) -> int | None:
+        assert self._proc is not None
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), 2.0)
+        except TimeoutError:
+            return None
+        if code > 128 and self.jail.level is Isolation.BWRAP:
+            code = 128 - code  # bubblewrap's init reports a signal death as 128 + signal
+        return code
+
+    async def _collect_output(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._drains, return_exceptions=True),
+                                   COLLECT_TIMEOUT_S)
+
     async def kill(self) -> None:
-        """Kill the sandbox's whole process group and reap it."""
+        """Kill the sandbox's processes and reap it.
+
+        Under bubblewrap its outer process is killed last: it reaps the sandbox's pid 1 on its
+        way out, which would otherwise be left for the worker to reap.
+        """
         if self._to_child is not None:
             with contextlib.suppress(OSError):
                 os.close(self._to_child)
             self._to_child = None
-        if self._writer is not None:
-            if not self._writer.is_closing():
-                self._writer.abort()
-            self._writer = None
+        self._close_channel()
         if self._proc is None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.kill()
+        if self._proc.returncode is None and self.jail.level is Isolation.BWRAP:
+            for pid in descendants(self._proc.pid)[1:]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), 1.0)
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
         await self._proc.wait()
         if self.slot is not None and self.slot.cgroup is not None:
-            emptied = await asyncio.to_thread(self.slot.cgroup.kill_all)
-            if not emptied:
-                log.warning("sandbox_processes_linger", slot=self.slot.index)
+            self.slot.cgroup.signal_all(signal.SIGKILL)
         if self._read_transport is not None:
             self._read_transport.close()
 

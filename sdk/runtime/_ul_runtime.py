@@ -119,6 +119,10 @@ class Channel:
                 raise ultralight.SdkError(reply["error"])
             if reply.get("type") in ("OutboundError", "OutboundRefused"):
                 raise ultralight.HttpError(reply["error"])
+            if reply.get("type") == "AiError":
+                raise ultralight.AiError(reply["error"])
+            if reply.get("type") == "NestedCallError":
+                raise ultralight.CallError(reply["error"])
             raise ultralight.PlatformError(reply["error"])
         return reply.get("ok")
 
@@ -173,6 +177,15 @@ def app_frames(exc: BaseException, filename: str) -> str:
     return "".join(lines)
 
 
+def flush_output() -> None:
+    """Push what the app printed into the output pipe, so it is there before the result is."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # a starved or closed stream loses its tail, not the result
+            pass
+
+
 def run(channel: Channel) -> None:
     import ultralight
 
@@ -185,6 +198,7 @@ def run(channel: Channel) -> None:
         module = load_app(call["source"], filename)
         value = invoke(module, call["function"], call.get("args") or {})
     except MemoryError:
+        flush_output()
         channel.send({"op": "error", "kind": "memory_limit", "message": "out of memory"})
         return
     except BaseException as exc:  # the app's failure is the call's result, whatever it is
@@ -192,10 +206,12 @@ def run(channel: Channel) -> None:
             sys.stderr.write(app_frames(exc, filename))
         except BaseException:  # a starved process (no files, no memory) still reports the error
             pass
+        flush_output()
         message = str(exc) or type(exc).__name__
         channel.send({"op": "error", "kind": "app_error", "type": type(exc).__name__,
                       "message": message})
         return
+    flush_output()
     try:
         text = encode_result(value)
     except ValueError as exc:
@@ -213,13 +229,14 @@ def main() -> None:
         sys.stderr.write(f"sandbox: cannot set limits: {exc}\n")
         os._exit(EXIT_BAD_START)
     die_with_parent()
+    # Read by the C library at start-up; the app's environment does not need to carry it.
+    os.environ.pop("MALLOC_ARENA_MAX", None)
     import ultralight  # noqa: F401 - imported ahead so a warm sandbox has it ready
 
     channel = Channel(request_fd, reply_fd)
     channel.send({"op": "ready"})
     run(channel)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_output()
     os._exit(0)
 
 
