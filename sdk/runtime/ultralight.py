@@ -7,7 +7,7 @@ connection, a network socket or a secret it was not meant to read.
 from __future__ import annotations
 
 import datetime as _dt
-import secrets as _secrets
+import os as _os
 import time as _time
 import types as _types
 from typing import Any
@@ -123,7 +123,7 @@ def remove_many(keys: list[str]) -> int:
 
 def new_id() -> str:
     """A unique id that sorts by creation time (milliseconds, then randomness)."""
-    return f"{int(_time.time() * 1000):012x}{_secrets.token_hex(8)}"
+    return f"{int(_time.time() * 1000):012x}{_os.urandom(8).hex()}"
 
 
 def now() -> _dt.datetime:
