@@ -40,6 +40,19 @@ def pids() -> list:
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 
 
+def network() -> dict:
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname(), timeout=2)
+    client.close()
+    server.close()
+    with open("/proc/net/dev") as handle:
+        lo = [line.split() for line in handle if line.strip().startswith("lo:")][0]
+    return {"ns": os.readlink("/proc/self/ns/net"), "lo_packets": int(lo[2])}
+
+
 def names() -> dict:
     return {pid: open(f"/proc/{pid}/comm").read().strip() for pid in pids()}
 
@@ -247,6 +260,17 @@ async def test_calls_in_one_slot_share_nothing(zygotes: Zygotes, slots: list[Slo
     assert found["shm"] == found["msg"] == found["mq"] == -1
     assert found["session_key"] == found["user_key"] == -1
     assert slots[0].cgroup is not None and slots[0].cgroup.pids() == []
+
+
+async def test_each_call_has_its_own_loopback_network(zygotes: Zygotes,
+                                                      slots: list[Slot]) -> None:
+    """Loopback works inside a call; the next call in the slot gets a new network namespace."""
+    first = await call(zygotes, slots[0], "network")
+    second = await call(zygotes, slots[0], "network")
+
+    assert first.outcome is Outcome.OK and second.outcome is Outcome.OK, (first, second)
+    assert first.value["ns"] != second.value["ns"]
+    assert second.value["lo_packets"] < 20  # only its own connection, none of the first's
 
 
 async def test_the_call_tree_is_in_the_slot_cgroup_before_the_app_runs(
