@@ -17,7 +17,7 @@ class SettingsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every knob of the farm. Each field ``name`` reads ``ULTRALIGHT_NAME`` from the environment."""
+    """Every knob of the farm; each field ``name`` reads ``ULTRALIGHT_NAME`` from the env."""
 
     # Where embedded state lives (SQLite file, code blobs).
     data_dir: Path = Path(".ultralight")
@@ -195,7 +195,8 @@ class Settings:
 
     @property
     def origin_allowlist(self) -> frozenset[str]:
-        return frozenset(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+        origins = (o.strip().rstrip("/") for o in self.allowed_origins.split(","))
+        return frozenset(o for o in origins if o)
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

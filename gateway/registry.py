@@ -26,7 +26,7 @@ import orjson
 import structlog
 
 from gateway import GatewayError
-from workers.appdata import postgres_location
+from workers.appdata import enable_wal, postgres_location
 
 if TYPE_CHECKING:
     import psycopg
@@ -375,7 +375,7 @@ class SqliteDatabase(Database):
                                isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             conn.execute("PRAGMA foreign_keys=ON")
             # IMMEDIATE takes the write lock first, so openers of a fresh file migrate in turn.
             conn.execute("BEGIN IMMEDIATE")

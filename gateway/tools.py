@@ -93,7 +93,8 @@ def tool_result(tool: dict[str, Any], reply: CallReply, with_logs: bool) -> dict
         result = error_result(reply.error or reply.outcome)
     else:
         result = _success(tool, reply.value)
-    meta = {"ultralight/outcome": reply.outcome, "ultralight/elapsed_ms": round(reply.elapsed_ms, 2)}
+    meta = {"ultralight/outcome": reply.outcome,
+            "ultralight/elapsed_ms": round(reply.elapsed_ms, 2)}
     if with_logs and reply.logs:
         meta["ultralight/logs"] = reply.logs
     result["_meta"] = meta

@@ -102,7 +102,8 @@ class Farm:
 
     def cli(self, *args: str, token: str | None = None, check: bool = True,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = {**self.env, "ULTRALIGHT_URL": self.url, "ULTRALIGHT_TOKEN": self.token if token is None else token}
+        env = {**self.env, "ULTRALIGHT_URL": self.url,
+               "ULTRALIGHT_TOKEN": self.token if token is None else token}
         result = subprocess.run([sys.executable, "-m", "gateway", *args], env=env, text=True,
                                 capture_output=True, timeout=timeout)
         if check and result.returncode != 0:

@@ -28,7 +28,7 @@ def test_values_are_served_only_for_the_version_they_were_read_at() -> None:
 
 
 def test_own_bump_keeps_the_space_but_a_concurrent_writer_drops_it() -> None:
-    """After our write bumps the version by one, our cache stays; a jump means someone else wrote."""
+    """Our own bump by one keeps the cache; a bigger jump means someone else wrote."""
     cache = DataCache()
     scope = Scope("app", "user")
     cache.view(scope, 0).written({"k": 1})

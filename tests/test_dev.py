@@ -15,7 +15,7 @@ from tests.test_mcp_client import connect
 
 
 async def test_dev_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
-    """dev.json appears with URL, token and apps; an MCP client calls an example; SIGINT ends all."""
+    """dev.json holds URL, token and apps; an MCP client calls an example; SIGINT ends all."""
     port = free_port()
     log = (tmp_path / "dev.log").open("wb")
     proc = subprocess.Popen(

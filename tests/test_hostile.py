@@ -45,7 +45,8 @@ def hostile_farm(redis_server: RedisServer, request: pytest.FixtureRequest) -> I
         "ULTRALIGHT_WORKER_CONCURRENCY": "6", "ULTRALIGHT_SANDBOX_WARM": "2",
         "ULTRALIGHT_SANDBOX_MODE": request.param,
     })
-    wrap = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc") if os.geteuid() == 0 else ()
+    own_namespace = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc")
+    wrap = own_namespace if os.geteuid() == 0 else ()
     farm.add_worker(wrap=wrap)
     wait_until(lambda: '"worker_started"' in farm.logs(), 30, "the worker did not start")
     if isolation(farm).get("mode") != request.param:

@@ -943,7 +943,7 @@ class SqliteAppData(AppData):
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            enable_wal(conn)
             _migrate(conn, self.sql.MIGRATIONS)
         except BaseException:
             conn.close()
@@ -1190,7 +1190,7 @@ DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 
 
 def open_app_data(url: str, *, max_value_bytes: int, max_query_limit: int) -> AppData:
-    """The store a database URL names, not yet opened: ``sqlite:///PATH`` or ``postgresql://…``."""
+    """The store a URL names, not yet opened: ``sqlite:///PATH`` or ``postgresql://…``."""
     limits = {"max_value_bytes": max_value_bytes, "max_query_limit": max_query_limit}
     if url.startswith("sqlite:///") and url != "sqlite:///":
         return SqliteAppData(url.removeprefix("sqlite:///"), **limits)
@@ -1200,3 +1200,16 @@ def open_app_data(url: str, *, max_value_bytes: int, max_query_limit: int) -> Ap
     scheme = url.split("://", 1)[0][:20] if "://" in url else ""
     problem = f"unsupported database URL scheme {scheme!r}" if scheme else "no database URL scheme"
     raise StoreError(f"{problem}: use sqlite:///PATH, postgresql://… or postgres://…")
+
+
+def enable_wal(conn: sqlite3.Connection, attempts: int = 50) -> None:
+    """Switch a file to WAL. Processes opening a fresh file at once can find it locked for the
+    switch, which SQLite does not wait out by itself: retry briefly."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)

@@ -68,7 +68,8 @@ def sandbox_limits(settings: Settings) -> Limits:
 
 def sqlite_path(url: str) -> str:
     if not url.startswith("sqlite:///"):
-        raise WorkerError(f"unsupported database URL {url.split(':', 1)[0]}://…; use sqlite:///PATH")
+        scheme = url.split(":", 1)[0]
+        raise WorkerError(f"unsupported database URL {scheme}://…; use sqlite:///PATH")
     return url.removeprefix("sqlite:///")
 
 

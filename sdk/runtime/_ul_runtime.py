@@ -161,7 +161,8 @@ def encode_result(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("the result contains a lone surrogate, which is not valid Unicode") from None
+        raise ValueError("the result contains a lone surrogate, which is not valid "
+                         "Unicode") from None
     except RecursionError:
         raise ValueError("the result is nested too deeply") from None
     except (TypeError, ValueError) as exc:
