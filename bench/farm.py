@@ -191,11 +191,10 @@ class Farm:
 async def _issue_token(env: dict[str, str], email: str) -> str:
     from config import Settings
     from gateway.auth import issue_token
-    from gateway.registry import Registry
-    from workers.farm import sqlite_path
+    from gateway.registry import open_registry
 
     settings = Settings.from_env(env)
-    registry = Registry(sqlite_path(settings.resolved_database_url))
+    registry = open_registry(settings.resolved_database_url)
     await registry.open()
     try:
         return (await issue_token(registry, email, "bench")).token

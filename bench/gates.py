@@ -42,11 +42,10 @@ from gateway.auth import issue_token
 from gateway.deploy import build_version
 from gateway.gates import Admission, Caller, Permit
 from gateway.grants import GrantStore, parse_rules
-from gateway.registry import AppRecord, Registry
+from gateway.registry import AppRecord, Registry, open_registry
 from gateway.secrets import SecretKeys, Secrets
 from gateway.state import GATEWAY
 from workers.blobs import LocalBlobStore
-from workers.farm import sqlite_path
 from workers.jobs import CallJob, CallReply
 
 BIG = 1_000_000_000
@@ -121,7 +120,7 @@ def redis_server(url: str | None, directory: Path) -> Iterator[str]:
 async def prepare(settings: Settings) -> str:
     """A private app with limits, a guest with a grant holding every rule, secrets; the
     guest's token."""
-    registry = Registry(sqlite_path(settings.resolved_database_url))
+    registry = open_registry(settings.resolved_database_url)
     await registry.open()
     try:
         owner = await registry.ensure_user("owner@bench.test")

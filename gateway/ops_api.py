@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.calllog import CallLog, CallLogStore, CallRecord
 from gateway.ops import GatewayMetrics, farm_status
 from gateway.calls import MissingSecrets, seal_call
-from gateway.replay import Replays, ReplayError, Selection, replay_call_id
+from gateway.replay import Replays, ReplayError, ReplayState, Selection, replay_call_id
 from workers.appdata import AppData
 from gateway.rest import ApiFailure, json_body, ok, owned_app, owner, problem
 
@@ -87,16 +87,22 @@ def _logged(record: CallRecord) -> dict[str, Any]:
             "version": record.version, "args_truncated": record.args_truncated}
 
 
+async def owned_replay(request: web.Request, user_id: str) -> ReplayState:
+    """The replay the path names, if it is the caller's; otherwise the answer says why not."""
+    try:
+        state = await request.app[OPS].replays.state(request.match_info["replay"])
+    except ReplayError as exc:
+        raise ApiFailure(problem(404, "not_found", str(exc))) from None
+    if state.owner_id != user_id:
+        raise ApiFailure(problem(403, "forbidden", "this replay belongs to another user"))
+    return state
+
+
 async def replay_call(request: web.Request) -> web.Response:
     """POST /api/replays/{replay}/calls {request_id}: run one logged call, answer its result."""
     gateway, user = await owner(request)
     ops = request.app[OPS]
-    try:
-        state = await ops.replays.state(request.match_info["replay"])
-    except ReplayError as exc:
-        return problem(404, "not_found", str(exc))
-    if state.owner_id != user.id:
-        return problem(403, "forbidden", "this replay belongs to another user")
+    state = await owned_replay(request, user.id)
     request_id = (await json_body(request)).get("request_id")
     records = await ops.store.by_ids(state.app_id, [str(request_id)])
     if not records:
@@ -131,14 +137,7 @@ async def replay_call(request: web.Request) -> web.Response:
 async def finish_replay(request: web.Request) -> web.Response:
     """DELETE /api/replays/{replay}: drop the shadow data and forget the replay."""
     _, user = await owner(request)
-    ops = request.app[OPS]
-    try:
-        state = await ops.replays.state(request.match_info["replay"])
-    except ReplayError as exc:
-        return problem(404, "not_found", str(exc))
-    if state.owner_id != user.id:
-        return problem(403, "forbidden", "this replay belongs to another user")
-    await ops.replays.finish(state)
+    await request.app[OPS].replays.finish(await owned_replay(request, user.id))
     return web.Response(status=204)
 
 

@@ -22,7 +22,6 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from config import Settings
-from workers import WorkerError
 from workers.appdata import AppData, DataError, Scope, open_app_data
 from workers.blobs import BlobError, CodeCache, open_blob_store
 from workers.jobs import (
@@ -64,13 +63,6 @@ def sandbox_limits(settings: Settings) -> Limits:
         max_output_bytes=settings.sandbox_max_output_bytes,
         max_result_bytes=settings.max_result_bytes,
     )
-
-
-def sqlite_path(url: str) -> str:
-    if not url.startswith("sqlite:///"):
-        scheme = url.split(":", 1)[0]
-        raise WorkerError(f"unsupported database URL {scheme}://…; use sqlite:///PATH")
-    return url.removeprefix("sqlite:///")
 
 
 class Farm:
@@ -226,8 +218,6 @@ class Farm:
     async def _run(self, job: CallJob, remaining: float, view: CacheView | None) -> CallReply:
         started = time.perf_counter()
         assert self.pool is not None
-        from workers import sealing
-
         try:
             opened = sealing.SealedPayload()
             if job.sealed is not None:
